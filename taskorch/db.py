@@ -1,0 +1,228 @@
+"""The only module that touches sqlite: connections, pragmas, migrations, transactions, errors.
+
+Why two connections. One await through aiosqlite's thread costs 250-300 µs on a 2-core VM, while
+a claim's statements take ~50 µs (notes/sqlite-queue-costs.md). So a transaction first runs
+*inline*, on the event-loop thread, on a connection whose busy timeout is 0: it either gets the
+write lock at once and finishes in microseconds, or fails at once with SQLITE_BUSY without having
+changed anything. Only then is it queued on aiosqlite's thread, whose connection waits up to
+`busy_timeout` for the lock, so the event loop never sleeps on another process's lock. Scans
+(lists, statistics) and migrations always run on the thread. WAL checkpoints stay automatic (every
+~1000 pages, run by the committing connection): a background checkpointer was measured slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from . import queries
+from .errors import InternalError, StoreBusy
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Row = sqlite3.Row
+
+_BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+class Tx:
+    """What a transaction function sees: execute statements, get rows back."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def fetchall(self, sql: str, params: Any = ()) -> list[Row]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def fetchone(self, sql: str, params: Any = ()) -> Row | None:
+        return self._conn.execute(sql, params).fetchone()
+
+    def execute(self, sql: str, params: Any = ()) -> int:
+        """Run a statement without rows; return how many rows it changed."""
+        return self._conn.execute(sql, params).rowcount
+
+    def executemany(self, sql: str, rows: Iterable[Any]) -> None:
+        self._conn.executemany(sql, rows)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in _BUSY_CODES or "locked" in str(exc)
+
+
+def _run_write(conn: sqlite3.Connection, fn: Callable[..., T], args: tuple) -> T:
+    # BEGIN IMMEDIATE takes the write lock before the first read: a deferred transaction that
+    # reads and then writes fails with SQLITE_BUSY at once, whatever the busy timeout.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(Tx(conn), *args)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def _run_read(conn: sqlite3.Connection, fn: Callable[..., T], args: tuple) -> T:
+    # One snapshot for every statement of the read, released before returning (a read
+    # transaction held across awaits would starve checkpoints).
+    conn.execute("BEGIN")
+    try:
+        return fn(Tx(conn), *args)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _split_statements(script: str) -> list[str]:
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current)
+            current = ""
+    if current.strip() and not all(ln.strip().startswith("--") or not ln.strip() for ln in current.splitlines()):
+        raise ValueError("a migration ends with an incomplete statement")
+    return statements
+
+
+class Database:
+    """An open SQLite database in WAL mode. Build with `await Database.open(...)`."""
+
+    def __init__(self, path: Path, durability: str, busy_timeout_ms: int, inline_writes: bool) -> None:
+        self.path = path
+        self.durability = durability
+        self.busy_timeout_ms = busy_timeout_ms
+        self.inline_writes = inline_writes
+        self._thread: aiosqlite.Connection | None = None
+        self._inline: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        durability: str = "full",
+        busy_timeout_ms: int = 5000,
+        inline_writes: bool = True,
+        migrations_dir: Path | None = None,
+    ) -> Database:
+        if durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
+        db = cls(Path(path), durability, busy_timeout_ms, inline_writes)
+        db.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db._thread = await aiosqlite.connect(db.path, isolation_level=None)
+            await db._thread._execute(db._configure, db._thread._conn, busy_timeout_ms)
+            if migrations_dir is not None:
+                await db.migrate(migrations_dir)
+            if inline_writes:
+                db._inline = sqlite3.connect(db.path, isolation_level=None)
+                db._configure(db._inline, 0)
+        except sqlite3.Error as e:
+            await db.close()
+            raise _translate(e) from None
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    def _configure(self, conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise InternalError(f"the database could not switch to WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = " + ("FULL" if self.durability == "full" else "NORMAL"))
+        conn.execute("PRAGMA foreign_keys = ON")
+
+    async def close(self) -> None:
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
+        if self._thread is not None:
+            await self._thread.close()
+            self._thread = None
+
+    async def migrate(self, migrations_dir: Path) -> list[str]:
+        """Apply the `NNNN_name.sql` files not applied yet, in order; return their names."""
+        # A handful of small files read once at start-up: not worth a thread hop.
+        files = sorted(p for p in migrations_dir.glob("*.sql") if p.name[:4].isdigit())  # noqa: ASYNC240
+        scripts = [(p.stem, _split_statements(p.read_text(encoding="utf-8"))) for p in files]
+        return await self._call_thread(_apply_migrations, scripts)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(tx, *args)` in one BEGIN IMMEDIATE transaction; commit unless it raises."""
+        if self._inline is not None:
+            try:
+                result = _run_write(self._inline, fn, args)
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e):
+                    raise _translate(e) from None
+                # Someone else holds the write lock: wait for it off the event loop.
+            except sqlite3.Error as e:
+                raise _translate(e) from None
+            else:
+                return result
+        return await self._call_thread(_run_write, fn, args)
+
+    async def read(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
+        """Run `fn(tx, *args)` in a read snapshot. `inline` for short indexed reads only."""
+        if inline and self._inline is not None:
+            try:
+                return _run_read(self._inline, fn, args)
+            except sqlite3.Error as e:
+                raise _translate(e) from None
+        return await self._call_thread(_run_read, fn, args)
+
+    async def _call_thread(self, runner: Callable[..., T], *args: Any) -> T:
+        if self._thread is None:
+            raise InternalError("the database is closed")
+        try:
+            return await self._thread._execute(runner, self._thread._conn, *args)
+        except sqlite3.Error as e:
+            raise _translate(e) from None
+
+    async def integrity_check(self) -> str:
+        return await self._call_thread(lambda conn: conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    async def ping(self) -> None:
+        await self.read(lambda tx: tx.fetchone("SELECT 1"), inline=True)
+
+
+def _apply_migrations(conn: sqlite3.Connection, scripts: list[tuple[str, list[str]]]) -> list[str]:
+    from time import time_ns
+
+    conn.execute(queries.CREATE_MIGRATIONS_TABLE)
+    applied: list[str] = []
+    for name, statements in scripts:
+        # One transaction per migration, with the check inside it: servers starting together
+        # serialise on the write lock and each migration runs once.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            done = {r[0] for r in conn.execute(queries.SELECT_MIGRATIONS)}
+            if name not in done:
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(queries.INSERT_MIGRATION, (name, time_ns() // 1000))
+                applied.append(name)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return applied
+
+
+def _translate(exc: sqlite3.Error) -> Exception:
+    """Driver errors end here: busy becomes STORE_BUSY, the rest an internal error."""
+    if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+        return StoreBusy("the database is busy (locked by another writer for too long); retry shortly")
+    log.error("sqlite error: %s", exc)
+    return InternalError("the database reported an error; see the server log")
