@@ -12,6 +12,7 @@ changed anything. Only then is it queued on aiosqlite's thread, whose connection
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -63,11 +64,22 @@ def _run_write(conn: sqlite3.Connection, fn: Callable[..., T], args: tuple) -> T
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = fn(Tx(conn), *args)
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # Also when COMMIT itself failed: the caller may retry the whole transaction elsewhere,
+        # so this connection must not keep the write lock.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
     return result
+
+
+def _run_write_waiting(conn: sqlite3.Connection, fn: Callable[..., T], args: tuple, wait_ms: int, usual_ms: int) -> T:
+    conn.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
+    try:
+        return _run_write(conn, fn, args)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(usual_ms)}")
 
 
 def _run_read(conn: sqlite3.Connection, fn: Callable[..., T], args: tuple) -> T:
@@ -118,8 +130,15 @@ class Database:
             raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
         db = cls(Path(path), durability, busy_timeout_ms, inline_writes)
         db.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = aiosqlite.connect(db.path, isolation_level=None)
         try:
-            db._thread = await aiosqlite.connect(db.path, isolation_level=None)
+            try:
+                db._thread = await connection
+            except BaseException:
+                # A failed connect queues the stop of aiosqlite's thread without waiting for it;
+                # wait here, or the thread reports to an event loop that may be closed by then.
+                await asyncio.to_thread(connection._thread.join, 10)
+                raise
             await db._thread._execute(db._configure, db._thread._conn, busy_timeout_ms)
             if migrations_dir is not None:
                 await db.migrate(migrations_dir)
@@ -128,7 +147,10 @@ class Database:
                 db._configure(db._inline, 0)
         except sqlite3.Error as e:
             await db.close()
-            raise _translate(e) from None
+            if _is_busy(e):
+                raise _translate(e) from None
+            log.error("cannot open the database %s: %s", db.path, e)
+            raise InternalError(f"cannot open the database {db.path}: {e}") from None
         except BaseException:
             await db.close()
             raise
@@ -158,8 +180,11 @@ class Database:
         scripts = [(p.stem, _split_statements(p.read_text(encoding="utf-8"))) for p in files]
         return await self._call_thread(_apply_migrations, scripts)
 
-    async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(tx, *args)` in one BEGIN IMMEDIATE transaction; commit unless it raises."""
+    async def write(self, fn: Callable[..., T], *args: Any, busy_timeout_ms: int | None = None) -> T:
+        """Run `fn(tx, *args)` in one BEGIN IMMEDIATE transaction; commit unless it raises.
+
+        `busy_timeout_ms` caps this call's wait for the write lock (default: the configured one).
+        """
         if self._inline is not None:
             try:
                 result = _run_write(self._inline, fn, args)
@@ -171,6 +196,8 @@ class Database:
                 raise _translate(e) from None
             else:
                 return result
+        if busy_timeout_ms is not None and busy_timeout_ms < self.busy_timeout_ms:
+            return await self._call_thread(_run_write_waiting, fn, args, busy_timeout_ms, self.busy_timeout_ms)
         return await self._call_thread(_run_write, fn, args)
 
     async def read(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:

@@ -57,6 +57,31 @@ def us_to_datetime(us: int | None) -> datetime | None:
 _FROZEN = ConfigDict(frozen=True)
 
 
+def construct(cls: type[BaseModel], values: dict[str, Any]) -> Any:
+    """Build a model from trusted values (rows read back from our own store) without validation.
+
+    What `model_construct` does, minus its per-field default handling: `values` must hold every
+    field. ~1 µs instead of ~10 µs, and a claim builds one on every call. Tested against
+    validated construction in tests/test_models.py.
+    """
+    obj = cls.__new__(cls)
+    object.__setattr__(obj, "__dict__", values)
+    object.__setattr__(obj, "__pydantic_fields_set__", _all_fields(cls))
+    object.__setattr__(obj, "__pydantic_extra__", None)
+    object.__setattr__(obj, "__pydantic_private__", None)
+    return obj
+
+
+_FIELD_SETS: dict[type, set[str]] = {}
+
+
+def _all_fields(cls: type[BaseModel]) -> set[str]:
+    fields = _FIELD_SETS.get(cls)
+    if fields is None:
+        fields = _FIELD_SETS[cls] = set(cls.model_fields)
+    return fields
+
+
 class Task(BaseModel):
     """One task as every transport shows it. Times are UTC."""
 

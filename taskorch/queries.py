@@ -41,10 +41,14 @@ SELECT_EVENTS = """
 SELECT task_id, kind, from_status, to_status, worker_id, version, at, detail
 FROM task_events WHERE task_id = ? ORDER BY id
 """
-# The event that accepted a completion made with this token (version after it = token + 1).
-SELECT_COMPLETION_EVENT = """
+# The event that accepted a completion made with this token (version after it = token + 1),
+# with the same outcome: a replayed success matches only an accepted success.
+SELECT_SUCCESS_EVENT = """
+SELECT 1 FROM task_events WHERE task_id = ? AND version = ? AND worker_id = ? AND kind = 'completed'
+"""
+SELECT_FAILURE_EVENT = """
 SELECT 1 FROM task_events
-WHERE task_id = ? AND version = ? AND worker_id = ? AND kind IN ('completed', 'failed', 'retry_scheduled')
+WHERE task_id = ? AND version = ? AND worker_id = ? AND kind IN ('failed', 'retry_scheduled')
 """
 
 # Lease recovery, in two statements of one write transaction: the events first (they need the
@@ -227,12 +231,12 @@ WHERE completed_at >= :since AND status IN ('completed', 'failed')
 GROUP BY status
 """
 
-# Retention: terminal tasks only, and never one that a live task still depends on.
+# Retention: terminal tasks only, and never one that another stored task depends on (even a
+# terminal one: it may be retried, and must not find its dependency gone). Dependency rows go
+# with their dependant, so chains are removed from the leaves up over successive clean-ups.
 _DELETABLE = """
 status IN ('completed', 'failed', 'cancelled')
-AND NOT EXISTS (
-    SELECT 1 FROM task_dependencies AS d JOIN tasks AS c ON c.id = d.task_id
-    WHERE d.depends_on = tasks.id AND c.status IN ('waiting', 'working'))
+AND NOT EXISTS (SELECT 1 FROM task_dependencies AS d WHERE d.depends_on = tasks.id)
 """
 DELETE_TERMINAL_BEFORE = f"DELETE FROM tasks WHERE completed_at < :cutoff AND {_DELETABLE}"
 DELETE_OLDEST_TERMINAL = f"""

@@ -14,6 +14,7 @@ store decides nothing on its own but the atomic guards.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -25,7 +26,7 @@ import anyio
 
 from . import validation as v
 from .config import Config, load_config
-from .errors import TaskorchError, ValidationError
+from .errors import StoreBusy, TaskorchError, ValidationError
 from .models import (
     TERMINAL,
     Claim,
@@ -203,17 +204,30 @@ class TaskService:
         wait = v.number("wait_seconds", wait_seconds, lo=0, hi=MAX_WAIT_SECONDS, default=0)
         claimed = await self.store.claim(f)
         if claimed is None and wait > 0:
-            with anyio.move_on_after(wait):
-                while claimed is None:
-                    changed = self._changed
-                    # Other processes' creates are seen by polling; our own wake us at once.
-                    with anyio.move_on_after(cfg.poll_interval_seconds):
-                        await changed.wait()
-                    claimed = await self.store.claim(f)
+            claimed = await self._wait_and_claim(f, wait)
         if claimed is None:
             return None
         task, lease = claimed
         return Claim.model_construct(task=task, lease=lease)
+
+    async def _wait_and_claim(self, f: ClaimFilter, wait: float) -> tuple[Task, Lease] | None:
+        deadline = anyio.current_time() + wait
+        while True:
+            changed = self._changed
+            # Our own creates wake us at once; other processes' are seen by polling.
+            with anyio.move_on_after(min(self.config.tasks.poll_interval_seconds, wait)):
+                await changed.wait()
+            remaining = deadline - anyio.current_time()
+            # The re-claim waits for the write lock no longer than the caller waits, and is never
+            # cancelled half-way: a claim committed after the caller gave up would leave a task
+            # working for nobody until its lease expired.
+            with anyio.CancelScope(shield=True):
+                try:
+                    claimed = await self.store.claim(f, busy_timeout_ms=max(1, int(remaining * 1000)))
+                except StoreBusy:
+                    claimed = None
+            if claimed is not None or anyio.current_time() >= deadline:
+                return claimed
 
     async def complete_task(
         self,
@@ -473,15 +487,15 @@ async def open_service(
         clock=clock or system_clock,
     )
     service = TaskService(store, cfg)
+    # A plain task, not a task group: a group would wrap every error raised by the caller's block
+    # in an ExceptionGroup, and callers expect `except taskorch.NotFound` to work.
+    sweeper = asyncio.get_running_loop().create_task(service.run_sweeper()) if sweep else None
     try:
-        async with anyio.create_task_group() as tg:
-            if sweep:
-                tg.start_soon(service.run_sweeper)
-            try:
-                yield service
-            finally:
-                tg.cancel_scope.cancel()
+        yield service
     finally:
+        if sweeper is not None:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
         with anyio.CancelScope(shield=True):
             await store.close()
 

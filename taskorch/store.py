@@ -24,6 +24,7 @@ from .models import (
     Status,
     Task,
     TaskEvent,
+    construct,
     us_to_datetime,
 )
 
@@ -39,9 +40,21 @@ def system_clock() -> int:
 _B32 = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
+class _IdState:
+    last = 0
+
+
 def new_task_id(now_us: int) -> str:
-    """16 characters, time-ordered to the millisecond, then 32 random bits."""
+    """17 characters: the millisecond, then 32 random bits, rising within this process.
+
+    Ids are the last tie-breaker of the claim order, so tasks created in the same instant (a
+    batch shares one) must be claimed in creation order: like a monotonic ULID, an id made in
+    the same millisecond as the previous one is the previous one plus one.
+    """
     n = ((now_us // 1000) << 32) | int.from_bytes(os.urandom(4), "big")
+    if n <= _IdState.last:
+        n = _IdState.last + 1
+    _IdState.last = n
     chars = []
     for _ in range(16):
         chars.append(_B32[n & 31])
@@ -98,40 +111,46 @@ def _dumps(value: Any) -> str:
 
 
 def task_from_row(row: Row) -> Task:
-    # model_construct: rows were validated on the way in; this path runs on every claim.
-    return Task.model_construct(
-        id=row["id"],
-        work_path=row["work_path"],
-        title=row["title"],
-        prompt=row["prompt"],
-        priority=RANK_PRIORITY[row["priority"]],
-        tags=json.loads(row["tags"]),
-        metadata=json.loads(row["metadata"]),
-        status=Status(row["status"]),
-        depends_on=json.loads(row["depends_on"]),
-        attempts=row["attempts"],
-        max_attempts=row["max_attempts"],
-        worker_id=row["worker_id"],
-        lease_expires_at=us_to_datetime(row["lease_expires_at"]),
-        version=row["version"],
-        run_after=us_to_datetime(row["run_after"]),
-        timeout_seconds=row["timeout_seconds"],
-        result=_loads(row["result"]),
-        error=_loads(row["error"]),
-        idempotency_key=row["idempotency_key"],
-        created_at=us_to_datetime(row["created_at"]),
-        updated_at=us_to_datetime(row["updated_at"]),
-        started_at=us_to_datetime(row["started_at"]),
-        completed_at=us_to_datetime(row["completed_at"]),
+    # Rows were validated on the way in; this path runs on every claim.
+    return construct(
+        Task,
+        dict(
+            id=row["id"],
+            work_path=row["work_path"],
+            title=row["title"],
+            prompt=row["prompt"],
+            priority=RANK_PRIORITY[row["priority"]],
+            tags=json.loads(row["tags"]),
+            metadata=json.loads(row["metadata"]),
+            status=Status(row["status"]),
+            depends_on=json.loads(row["depends_on"]),
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            worker_id=row["worker_id"],
+            lease_expires_at=us_to_datetime(row["lease_expires_at"]),
+            version=row["version"],
+            run_after=us_to_datetime(row["run_after"]),
+            timeout_seconds=row["timeout_seconds"],
+            result=_loads(row["result"]),
+            error=_loads(row["error"]),
+            idempotency_key=row["idempotency_key"],
+            created_at=us_to_datetime(row["created_at"]),
+            updated_at=us_to_datetime(row["updated_at"]),
+            started_at=us_to_datetime(row["started_at"]),
+            completed_at=us_to_datetime(row["completed_at"]),
+        ),
     )
 
 
 def lease_from_row(row: Row) -> Lease:
-    return Lease.model_construct(
-        token=row["version"],
-        worker_id=row["worker_id"],
-        expires_at=us_to_datetime(row["lease_expires_at"]),
-        deadline_at=us_to_datetime(row["deadline_at"]),
+    return construct(
+        Lease,
+        {
+            "token": row["version"],
+            "worker_id": row["worker_id"],
+            "expires_at": us_to_datetime(row["lease_expires_at"]),
+            "deadline_at": us_to_datetime(row["deadline_at"]),
+        },
     )
 
 
@@ -260,9 +279,9 @@ class SqliteStore:
 
     # -- claims -----------------------------------------------------------------------------
 
-    async def claim(self, f: ClaimFilter) -> tuple[Task, Lease] | None:
+    async def claim(self, f: ClaimFilter, busy_timeout_ms: int | None = None) -> tuple[Task, Lease] | None:
         now = self.clock()
-        row = await self.db.write(_claim, f, now)
+        row = await self.db.write(_claim, f, now, busy_timeout_ms=busy_timeout_ms)
         if row is None:
             return None
         return task_from_row(row), lease_from_row(row)
@@ -395,7 +414,8 @@ def _complete(tx: Tx, c: Completion, now: int) -> Row:
     if row is None:
         # A complete retried with the token that completed it (its answer was lost on the way)
         # gets the task back instead of an error: the completion was accepted once.
-        if tx.fetchone(q.SELECT_COMPLETION_EVENT, (c.task_id, c.token + 1, c.worker_id)) is not None:
+        accepted = q.SELECT_SUCCESS_EVENT if c.success else q.SELECT_FAILURE_EVENT
+        if tx.fetchone(accepted, (c.task_id, c.token + 1, c.worker_id)) is not None:
             return tx.fetchone(q.SELECT_TASK, (c.task_id,))
         raise _lease_problem(tx, c.task_id, c.worker_id, c.token, now)
     status = row["status"]
@@ -447,9 +467,7 @@ def _edit_problem(tx: Tx, task_id: str, expected_version: int | None, action: st
             details={"current_version": row["version"]},
         )
     return InvalidState(
-        f"cannot {action} task {task_id}: it is {row['status']}; only {allowed} tasks can be {action}ed"
-        if action != "cancel"
-        else f"cannot cancel task {task_id}: it is {row['status']}; only {allowed} tasks can be cancelled",
+        f"cannot {action} task {task_id}: it is {row['status']}; {action} applies to {allowed} tasks only",
         details={"status": row["status"]},
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-import unicodedata
+import re
 from typing import Any
 
 from .errors import PayloadTooLarge, ValidationError
@@ -20,8 +20,11 @@ def _fail(name: str, problem: str) -> ValidationError:
     return ValidationError(f"{name}: {problem}", details={"field": name})
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
+
+
 def _has_control_chars(value: str) -> bool:
-    return any(unicodedata.category(ch) == "Cc" for ch in value)
+    return _CONTROL.search(value) is not None
 
 
 def text(
@@ -40,6 +43,11 @@ def text(
         raise _fail(name, f"must be a string, not {type(value).__name__}")
     if "\x00" in value:
         raise _fail(name, "must not contain NUL bytes")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(name, "must be valid Unicode text (it holds a lone surrogate)") from None
     if required and not value.strip():
         raise _fail(name, "must not be empty")
     if len(value) > max_chars:

@@ -1,0 +1,392 @@
+"""The MCP surface: ten tools, two resources, each a thin call into the service.
+
+Built by `build_mcp(service)`; nothing here decides a rule. Domain errors become tool results
+with isError whose text starts with the stable code ("LEASE_LOST: ..."); arguments that fail the
+input schema become "VALIDATION_ERROR: <argument>: ...". Descriptions are written for a model that
+has never seen taskorch, and kept short: every token of tools/list is paid in every conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any, Literal
+
+import mcp_types as types
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from . import __version__
+from .errors import TaskorchError
+from .models import Claim, Lease, Statistics, Task, TaskPage, TaskWithEvents
+from .service import TaskService
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = """\
+taskorch is a shared task queue keyed by work_path (an absolute directory).
+File work with create_task/create_tasks. To do work: next_task(work_path, worker_id) claims the \
+best task and returns a lease; do it; call heartbeat_task every lease_seconds/2 on long work; \
+finish with complete_task(status=success|failure) passing the lease_token. On LEASE_LOST stop: \
+the task is no longer yours. Errors start with a code (VALIDATION_ERROR, NOT_FOUND, LEASE_LOST, \
+INVALID_STATE, CONFLICT, STORE_BUSY=retry)."""
+
+Priority = Literal["low", "medium", "high", "urgent", "normal", "critical"]
+WorkPath = Annotated[str, Field(description="Absolute directory path the task is about.", max_length=4096)]
+TaskId = Annotated[str, Field(max_length=200)]
+WorkerId = Annotated[str, Field(description="A stable name for you, e.g. 'claude-1'.", max_length=200)]
+Token = Annotated[int, Field(ge=1, description="lease.token from next_task.")]
+
+
+class TaskSpec(BaseModel):
+    """One task of a create_tasks batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    work_path: WorkPath
+    prompt: str
+    title: str | None = None
+    priority: Priority | None = None
+    tags: list[str] | None = None
+    depends_on: list[str] | None = Field(None, description="Task ids or refs of this batch.")
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    idempotency_key: str | None = None
+    metadata: dict[str, Any] | None = None
+    delay_seconds: float | None = Field(None, ge=0)
+    timeout_seconds: int | None = Field(None, ge=1)
+    ref: str | None = Field(None, description="A local name other items can depend on.")
+
+
+class TaskList(BaseModel):
+    tasks: list[Task]
+
+
+class NextTaskResult(BaseModel):
+    task: Task | None
+    lease: Lease | None = None
+    hint: str | None = None
+
+
+# Output schemas, written by hand: the generated ones spelled out every field of a task seven times
+# (~5,000 tokens). These name the fields a model acts on; the rest are still returned.
+_NULLABLE_STR = {"type": ["string", "null"]}
+_TASK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A task; fields as in get_task.",
+    "properties": {
+        "id": {"type": "string"},
+        "work_path": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"enum": ["waiting", "working", "completed", "failed", "cancelled"]},
+        "priority": {"enum": ["low", "medium", "high", "urgent"]},
+        "version": {"type": "integer"},
+        "attempts": {"type": "integer"},
+        "worker_id": _NULLABLE_STR,
+        "depends_on": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["id", "status", "version"],
+}
+_LEASE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"token": {"type": "integer"}, "expires_at": {"type": "string"}, "deadline_at": {"type": "string"}},
+    "required": ["token", "expires_at"],
+}
+_TASKS_SCHEMA = {"type": "array", "items": _TASK_SCHEMA}
+OUTPUT_SCHEMAS: dict[str, dict[str, Any]] = {
+    "create_task": _TASK_SCHEMA,
+    "create_tasks": {"type": "object", "properties": {"tasks": _TASKS_SCHEMA}, "required": ["tasks"]},
+    "next_task": {
+        "type": "object",
+        "properties": {
+            "task": {"anyOf": [_TASK_SCHEMA, {"type": "null"}]},
+            "lease": {"anyOf": [_LEASE_SCHEMA, {"type": "null"}]},
+            "hint": _NULLABLE_STR,
+        },
+        "required": ["task"],
+    },
+    "complete_task": _TASK_SCHEMA,
+    "heartbeat_task": _LEASE_SCHEMA,
+    "cancel_task": _TASK_SCHEMA,
+    "retry_task": _TASK_SCHEMA,
+    "get_task": {
+        "type": "object",
+        "properties": {"task": _TASK_SCHEMA, "events": {"type": ["array", "null"]}},
+        "required": ["task"],
+    },
+    "list_tasks": {
+        "type": "object",
+        "properties": {"tasks": _TASKS_SCHEMA, "total": {"type": "integer"}},
+        "required": ["tasks", "total"],
+    },
+    "statistics": {
+        "type": "object",
+        "properties": {"total": {"type": "integer"}, "by_status": {"type": "object"}},
+        "required": ["total", "by_status"],
+    },
+}
+
+
+def compact_schema(node: Any) -> Any:
+    """Drop what costs tokens and tells a model nothing: titles, null defaults, `anyOf [X, null]`
+    for optional arguments (omitting one is the same as null). Validation is unaffected: the SDK
+    validates arguments against the pydantic model, not against this text."""
+    if isinstance(node, list):
+        return [compact_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: compact_schema(v) for k, v in node.items() if k != "title" and not (k == "default" and v is None)}
+    options = out.get("anyOf")
+    if isinstance(options, list) and {"type": "null"} in options and len(options) == 2:
+        other = next(o for o in options if o != {"type": "null"})
+        del out["anyOf"]
+        out = {**other, **out}
+    return out
+
+
+def _read_only(title: str) -> types.ToolAnnotations:
+    return types.ToolAnnotations(title=title, read_only_hint=True, idempotent_hint=True, open_world_hint=False)
+
+
+def _write(title: str, *, destructive: bool = False, idempotent: bool = False) -> types.ToolAnnotations:
+    return types.ToolAnnotations(
+        title=title,
+        read_only_hint=False,
+        destructive_hint=destructive,
+        idempotent_hint=idempotent,
+        open_world_hint=False,
+    )
+
+
+def _error_result(code: str, message: str) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(type="text", text=f"{code}: {message}")], is_error=True)
+
+
+def _describe_validation(exc: PydanticValidationError) -> str:
+    problems = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "arguments"
+        problems.append(f"{where}: {err['msg']}")
+    return "; ".join(problems) + ". Fix the argument and call again."
+
+
+class TaskorchMCP(MCPServer):
+    """MCPServer whose tool errors carry taskorch's stable codes."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, TaskorchError):
+                return _error_result(cause.code, cause.message)
+            if isinstance(cause, PydanticValidationError):
+                return _error_result("VALIDATION_ERROR", _describe_validation(cause))
+            if cause is None and str(exc).startswith("Unknown tool"):
+                return _error_result("NOT_FOUND", f"{exc}; tools/list shows the tools")
+            log.exception("tool %r failed", name)
+            return _error_result("INTERNAL_ERROR", "the server failed; see its log")
+
+
+def build_mcp(service: TaskService) -> TaskorchMCP:
+    """The MCP server for one open service. Transports (stdio, HTTP) run what this returns."""
+    mcp = TaskorchMCP("taskorch", version=__version__, instructions=INSTRUCTIONS)
+
+    @mcp.tool(
+        description="File a task for agents working in work_path. Returns the task (status waiting). "
+        "A repeated idempotency_key returns the first task instead of a duplicate.",
+        annotations=_write("Create task"),
+    )
+    async def create_task(
+        work_path: WorkPath,
+        prompt: Annotated[str, Field(description="What to do, self-contained.")],
+        title: str | None = None,
+        priority: Priority | None = None,
+        tags: list[str] | None = None,
+        depends_on: Annotated[list[str] | None, Field(description="Ids that must complete first.")] = None,
+        max_attempts: Annotated[int | None, Field(ge=1, le=100)] = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        delay_seconds: Annotated[float | None, Field(ge=0)] = None,
+        timeout_seconds: Annotated[int | None, Field(ge=1, description="Per-attempt time limit.")] = None,
+    ) -> Task:
+        return await service.create_task(
+            work_path=work_path, prompt=prompt, title=title, priority=priority, tags=tags,
+            depends_on=depends_on, max_attempts=max_attempts, idempotency_key=idempotency_key,
+            metadata=metadata, delay_seconds=delay_seconds, timeout_seconds=timeout_seconds,
+        )  # fmt: skip
+
+    @mcp.tool(
+        description="File several tasks atomically (all or none). Items may depend on each other by "
+        "ref; mode=sequential chains them in order.",
+        annotations=_write("Create tasks"),
+    )
+    async def create_tasks(
+        tasks: Annotated[list[TaskSpec], Field(min_length=1, max_length=500)],
+        mode: Literal["parallel", "sequential"] = "parallel",
+    ) -> TaskList:
+        items = [t.model_dump(exclude_none=True) for t in tasks]
+        return TaskList(tasks=await service.create_tasks(tasks=items, mode=mode))
+
+    @mcp.tool(
+        description="Claim the next task for work_path (highest priority, then oldest). Returns "
+        "{task, lease}; do the task, then complete_task with lease.token. task=null means nothing "
+        "to do: retry later or pass wait_seconds (<=60) to wait for one.",
+        annotations=_write("Claim next task"),
+    )
+    async def next_task(
+        work_path: WorkPath,
+        worker_id: WorkerId,
+        lease_seconds: Annotated[float | None, Field(ge=1, description="Default 300.")] = None,
+        wait_seconds: Annotated[float | None, Field(ge=0, le=60)] = None,
+        include_subpaths: bool | None = None,
+        tags: Annotated[list[str] | None, Field(description="Only tasks with one of these tags.")] = None,
+    ) -> NextTaskResult:
+        claim: Claim | None = await service.next_task(
+            work_path=work_path, worker_id=worker_id, lease_seconds=lease_seconds,
+            wait_seconds=wait_seconds, include_subpaths=include_subpaths, tags=tags,
+        )  # fmt: skip
+        if claim is None:
+            return NextTaskResult(task=None, hint="No claimable task now. Call again later or with wait_seconds.")
+        return NextTaskResult(task=claim.task, lease=claim.lease)
+
+    @mcp.tool(
+        description="Report the outcome of a task you claimed. status=failure retries it later if "
+        "attempts remain (retryable=false to stop). LEASE_LOST: the task is no longer yours; drop it.",
+        annotations=_write("Complete task", idempotent=True),
+    )
+    async def complete_task(
+        task_id: TaskId,
+        worker_id: WorkerId,
+        lease_token: Token,
+        status: Literal["success", "failure"],
+        output: Annotated[str | None, Field(description="Summary of what was done.")] = None,
+        details: Any = None,
+        artifacts: Annotated[list[Any] | None, Field(description="Files or links produced.")] = None,
+        duration_ms: Annotated[int | None, Field(ge=0)] = None,
+        retryable: bool | None = None,
+    ) -> Task:
+        return await service.complete_task(
+            task_id=task_id, worker_id=worker_id, lease_token=lease_token, status=status, output=output,
+            details=details, artifacts=artifacts, duration_ms=duration_ms, retryable=retryable,
+        )  # fmt: skip
+
+    @mcp.tool(
+        description="Keep your claim alive on long work; call at least every lease_seconds/2. "
+        "LEASE_LOST means stop and do not complete.",
+        annotations=_write("Renew lease", idempotent=True),
+    )
+    async def heartbeat_task(
+        task_id: TaskId,
+        worker_id: WorkerId,
+        lease_token: Token,
+        lease_seconds: Annotated[float | None, Field(ge=1)] = None,
+    ) -> Lease:
+        return await service.heartbeat_task(
+            task_id=task_id, worker_id=worker_id, lease_token=lease_token, lease_seconds=lease_seconds
+        )
+
+    @mcp.tool(
+        description="Cancel a waiting or working task. Pass expected_version to fail with CONFLICT "
+        "if it changed since you read it.",
+        annotations=_write("Cancel task", destructive=True, idempotent=False),
+    )
+    async def cancel_task(
+        task_id: TaskId,
+        reason: str | None = None,
+        expected_version: Annotated[int | None, Field(ge=1)] = None,
+    ) -> Task:
+        return await service.cancel_task(task_id=task_id, reason=reason, expected_version=expected_version)
+
+    @mcp.tool(
+        description="Put a failed or cancelled task back in the queue with fresh attempts.",
+        annotations=_write("Retry task"),
+    )
+    async def retry_task(task_id: TaskId, expected_version: Annotated[int | None, Field(ge=1)] = None) -> Task:
+        return await service.retry_task(task_id=task_id, expected_version=expected_version)
+
+    @mcp.tool(description="One task by id; include_events adds its history.", annotations=_read_only("Get task"))
+    async def get_task(task_id: TaskId, include_events: bool | None = None) -> TaskWithEvents:
+        return await service.get_task(task_id=task_id, include_events=include_events)
+
+    @mcp.tool(
+        description="Tasks newest first, filtered; returns {tasks, total}. Use limit/offset to page.",
+        annotations=_read_only("List tasks"),
+    )
+    async def list_tasks(
+        status: Literal["waiting", "working", "completed", "failed", "cancelled"] | None = None,
+        work_path: WorkPath | None = None,
+        priority: Priority | None = None,
+        tag: str | None = None,
+        limit: Annotated[int | None, Field(ge=1, le=200)] = None,
+        offset: Annotated[int | None, Field(ge=0)] = None,
+    ) -> TaskPage:
+        return await service.list_tasks(
+            status=status, work_path=work_path, priority=priority, tag=tag, limit=limit, offset=offset
+        )
+
+    @mcp.tool(
+        description="Queue health: counts by status, priority and work_path, wait/run times, workers.",
+        annotations=_read_only("Statistics"),
+    )
+    async def statistics(work_path: WorkPath | None = None) -> Statistics:
+        return await service.statistics(work_path=work_path)
+
+    @mcp.resource("taskorch://tasks/{task_id}", name="task", mime_type="application/json")
+    async def task_resource(task_id: str) -> str:
+        found = await service.get_task(task_id=task_id, include_events=True)
+        return found.model_dump_json()
+
+    @mcp.resource("taskorch://statistics", name="statistics", mime_type="application/json")
+    async def statistics_resource() -> str:
+        return (await service.statistics()).model_dump_json()
+
+    async def set_level(ctx: Any, params: types.SetLevelRequestParams) -> types.EmptyResult:
+        level = {"emergency": "CRITICAL", "alert": "CRITICAL", "critical": "CRITICAL", "notice": "INFO"}.get(
+            params.level, params.level.upper()
+        )
+        logging.getLogger("taskorch").setLevel(level)
+        return types.EmptyResult()
+
+    mcp._lowlevel_server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
+    # The SDK has no public hook for the published schemas; they live on the registered tools.
+    for tool in mcp._tool_manager.list_tools():
+        tool.parameters = compact_schema(tool.parameters)
+        tool.fn_metadata.output_schema = OUTPUT_SCHEMAS[tool.name]
+    return mcp
+
+
+def tools_list_size(mcp: MCPServer) -> int:
+    """Characters of the tools/list answer (≈ tokens × 4); reported by the benchmark."""
+    import anyio
+
+    tools = anyio.run(mcp.list_tools)
+    return len(json.dumps([t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tools]))
+
+
+def serve(
+    config: Any,
+    *,
+    transport: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    insecure: bool = False,
+) -> int:
+    """Run the MCP server until the client disconnects (stdio). Returns the exit code."""
+    import anyio
+
+    from .service import open_service
+
+    mode = transport or config.server.transport
+    if mode != "stdio":
+        log.error("transport %r is not available yet; use stdio", mode)
+        return 2
+
+    async def run() -> None:
+        async with open_service(config=config) as service:
+            log.info("taskorch %s serving MCP over stdio; database %s", __version__, service.store.db.path)
+            await build_mcp(service).run_stdio_async()
+
+    anyio.run(run)
+    return 0
