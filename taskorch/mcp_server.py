@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import mcp_types as types
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
@@ -136,7 +136,12 @@ def compact_schema(node: Any) -> Any:
         return [compact_schema(n) for n in node]
     if not isinstance(node, dict):
         return node
-    out = {k: compact_schema(v) for k, v in node.items() if k != "title" and not (k == "default" and v is None)}
+    out = {}
+    for key, value in node.items():
+        if key in ("properties", "$defs"):  # names of arguments and models, not schema keywords
+            out[key] = {name: compact_schema(sub) for name, sub in value.items()}
+        elif not (key == "title" and isinstance(value, str)) and not (key == "default" and value is None):
+            out[key] = compact_schema(value)
     options = out.get("anyOf")
     if isinstance(options, list) and {"type": "null"} in options and len(options) == 2:
         other = next(o for o in options if o != {"type": "null"})
@@ -175,8 +180,14 @@ class TaskorchMCP(MCPServer):
     """MCPServer whose tool errors carry taskorch's stable codes."""
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        tool = self._tool_manager.get_tool(name)
+        if tool is not None and isinstance(arguments, dict):
+            # A misspelt optional argument would otherwise be dropped silently.
+            unknown = sorted(set(arguments) - set(tool.parameters.get("properties", {})))
+            if unknown:
+                return _error_result("VALIDATION_ERROR", f"{unknown[0]}: unknown argument of {name}")
         try:
-            return await super().call_tool(name, arguments, context)
+            result = await super().call_tool(name, arguments, context)
         except ToolError as exc:
             cause = exc.__cause__
             if isinstance(cause, TaskorchError):
@@ -187,6 +198,12 @@ class TaskorchMCP(MCPServer):
                 return _error_result("NOT_FOUND", f"{exc}; tools/list shows the tools")
             log.exception("tool %r failed", name)
             return _error_result("INTERNAL_ERROR", "the server failed; see its log")
+        if isinstance(result, types.CallToolResult) and result.structured_content is not None:
+            # The SDK's text copy of the result is indented JSON; the compact form is the same
+            # data in fewer bytes (and tokens) on every call.
+            text = json.dumps(result.structured_content, separators=(",", ":"), ensure_ascii=False)
+            result = result.model_copy(update={"content": [types.TextContent(type="text", text=text)]})
+        return result
 
 
 def build_mcp(service: TaskService) -> TaskorchMCP:
@@ -333,12 +350,27 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
     async def statistics(work_path: WorkPath | None = None) -> Statistics:
         return await service.statistics(work_path=work_path)
 
-    @mcp.resource("taskorch://tasks/{task_id}", name="task", mime_type="application/json")
+    @mcp.resource(
+        "taskorch://tasks/{task_id}",
+        name="task",
+        description="A task and its history, as JSON.",
+        mime_type="application/json",
+    )
     async def task_resource(task_id: str) -> str:
-        found = await service.get_task(task_id=task_id, include_events=True)
+        try:
+            found = await service.get_task(task_id=task_id, include_events=True)
+        except TaskorchError as e:
+            if e.code == "NOT_FOUND":
+                raise ResourceNotFoundError(str(e)) from None
+            raise ResourceError(str(e)) from None
         return found.model_dump_json()
 
-    @mcp.resource("taskorch://statistics", name="statistics", mime_type="application/json")
+    @mcp.resource(
+        "taskorch://statistics",
+        name="statistics",
+        description="Queue statistics, as JSON.",
+        mime_type="application/json",
+    )
     async def statistics_resource() -> str:
         return (await service.statistics()).model_dump_json()
 

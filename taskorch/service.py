@@ -123,12 +123,14 @@ class TaskService:
         specs: list[NewTask] = []
         deps_by_index: list[list[int]] = []
         for i, item in enumerate(tasks):
-            unknown = set(item) - _TASK_SPEC_KEYS
+            unknown = sorted(str(k) for k in set(item) - _TASK_SPEC_KEYS)
             if unknown:
                 raise ValidationError(
-                    f"tasks[{i}]: unknown field {sorted(unknown)[0]!r}", details={"field": f"tasks[{i}]"}
+                    f"tasks[{i}]: unknown field {unknown[0][:40]!r}", details={"field": f"tasks[{i}]"}
                 )
-            raw_deps = item.get("depends_on") or []
+            raw_deps = item.get("depends_on")
+            if raw_deps is None:
+                raw_deps = []
             if not isinstance(raw_deps, list | tuple):
                 raise ValidationError(f"tasks[{i}].depends_on: must be a list", details={"field": "depends_on"})
             local = [refs[d] for d in raw_deps if isinstance(d, str) and d in refs]
@@ -252,6 +254,8 @@ class TaskService:
         output = v.text("output", output, max_chars=lim.max_result_bytes, required=False)
         if artifacts is not None and not isinstance(artifacts, list | tuple):
             raise ValidationError("artifacts: must be a list", details={"field": "artifacts"})
+        v.json_value("details", details, max_bytes=lim.max_result_bytes)
+        v.json_value("artifacts", artifacts, max_bytes=lim.max_result_bytes)
         result = {
             "status": outcome,
             "output": output,
@@ -259,7 +263,7 @@ class TaskService:
             "artifacts": list(artifacts or []),
             "duration_ms": v.integer("duration_ms", duration_ms, lo=0, default=0) if duration_ms is not None else None,
         }
-        v.json_value("result", result, max_bytes=lim.max_result_bytes)
+        v.json_value("output, details and artifacts together", result, max_bytes=lim.max_result_bytes)
         success = outcome == "success"
         error = (
             None if success else {"code": "TASK_FAILED", "message": (output or "the worker reported failure")[:2000]}

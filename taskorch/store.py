@@ -414,9 +414,15 @@ def _complete(tx: Tx, c: Completion, now: int) -> Row:
     if row is None:
         # A complete retried with the token that completed it (its answer was lost on the way)
         # gets the task back instead of an error: the completion was accepted once.
+        # Only while nothing has happened to the task since; later, the token is just stale.
         accepted = q.SELECT_SUCCESS_EVENT if c.success else q.SELECT_FAILURE_EVENT
-        if tx.fetchone(accepted, (c.task_id, c.token + 1, c.worker_id)) is not None:
-            return tx.fetchone(q.SELECT_TASK, (c.task_id,))
+        current = tx.fetchone(q.SELECT_TASK, (c.task_id,))
+        if (
+            current is not None
+            and current["version"] == c.token + 1
+            and tx.fetchone(accepted, (c.task_id, c.token + 1, c.worker_id)) is not None
+        ):
+            return current
         raise _lease_problem(tx, c.task_id, c.worker_id, c.token, now)
     status = row["status"]
     kind = {"completed": "completed", "failed": "failed", "waiting": "retry_scheduled"}[status]

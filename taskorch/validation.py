@@ -20,6 +20,15 @@ def _fail(name: str, problem: str) -> ValidationError:
     return ValidationError(f"{name}: {problem}", details={"field": name})
 
 
+def _show(value: Any) -> str:
+    """A short, safe rendering of a rejected value (never recursing into big structures)."""
+    if isinstance(value, str):
+        return repr(value[:40])
+    if isinstance(value, bool | int | float) or value is None:
+        return str(value)[:40]
+    return f"a {type(value).__name__}"
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
 
@@ -60,12 +69,17 @@ def text(
 def identifier(name: str, value: Any, *, required: bool = True, max_chars: int = 200) -> str | None:
     """Ids, worker ids, keys and tags: short, printable, no surrounding spaces."""
     value = text(name, value, max_chars=max_chars, required=required, allow_control=False)
+    if value is not None and not value:
+        raise _fail(name, "must not be empty (leave it out instead)")
     if value is not None and value != value.strip():
         raise _fail(name, "must not start or end with spaces")
     return value
 
 
-def integer(name: str, value: Any, *, lo: int, hi: int | None = None, default: int | None = None) -> int:
+MAX_INT = 2**63 - 1  # what SQLite (and PostgreSQL's bigint) can store
+
+
+def integer(name: str, value: Any, *, lo: int, hi: int = MAX_INT, default: int | None = None) -> int:
     if value is None:
         if default is None:
             raise _fail(name, "is required")
@@ -75,19 +89,21 @@ def integer(name: str, value: Any, *, lo: int, hi: int | None = None, default: i
             value = int(value)
         else:
             raise _fail(name, f"must be an integer, not {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise _fail(name, f"must be {bound} (got {value})")
+    if value < lo or value > hi:
+        bound = f"between {lo} and {hi}" if hi != MAX_INT else f"at least {lo}"
+        raise _fail(name, f"must be {bound} (got {str(value)[:40]})")
     return value
 
 
 def number(name: str, value: Any, *, lo: float, hi: float, default: float) -> float:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise _fail(name, f"must be a number, not {type(value).__name__}")
-    if value < lo or value > hi:
-        raise _fail(name, f"must be between {lo:g} and {hi:g} (got {value:g})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(name, f"must be a finite number (got {value})")
+    if value < lo or value > hi:  # compared before float(): a huge int would overflow it
+        raise _fail(name, f"must be between {lo:g} and {hi:g} (got {_show(value)})")
     return float(value)
 
 
@@ -124,7 +140,7 @@ def priority(value: Any, *, name: str = "priority", default: Priority | None = P
             return Priority(key)
         except ValueError:
             pass
-    raise _fail(name, f"must be one of low, medium, high, urgent (got {str(value)[:40]!r})")
+    raise _fail(name, f"must be one of low, medium, high, urgent (got {_show(value)})")
 
 
 def priority_rank(p: Priority) -> int:
@@ -135,10 +151,12 @@ def status(value: Any, *, name: str = "status") -> Status | None:
     if value is None:
         return None
     try:
-        return Status(value)
+        if not isinstance(value, str):
+            raise ValueError
+        return Status(value.lower())
     except ValueError:
         allowed = ", ".join(s.value for s in Status)
-        raise _fail(name, f"must be one of {allowed} (got {str(value)[:40]!r})") from None
+        raise _fail(name, f"must be one of {allowed} (got {_show(value)})") from None
 
 
 def string_list(name: str, value: Any, *, max_items: int, max_chars: int) -> tuple[str, ...]:
@@ -167,8 +185,9 @@ def json_object(name: str, value: Any, *, max_bytes: int) -> dict[str, Any]:
 def json_value(name: str, value: Any, *, max_bytes: int) -> Any:
     try:
         size = json_size(value)
-    except (TypeError, ValueError) as e:
-        raise _fail(name, f"must be JSON-serialisable ({e})") from None
+    except (TypeError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:100]
+        raise _fail(name, f"must be JSON-serialisable ({reason})") from None
     if size > max_bytes:
         raise PayloadTooLarge(f"{name}: is {size} bytes as JSON; the limit is {max_bytes}", details={"field": name})
     return value
@@ -177,6 +196,6 @@ def json_value(name: str, value: Any, *, max_bytes: int) -> Any:
 def choice(name: str, value: Any, allowed: tuple[str, ...], *, default: str | None = None) -> str:
     if value is None and default is not None:
         return default
-    if value not in allowed:
-        raise _fail(name, f"must be one of {', '.join(allowed)} (got {str(value)[:40]!r})")
+    if not isinstance(value, str) or value not in allowed:
+        raise _fail(name, f"must be one of {', '.join(allowed)} (got {_show(value)})")
     return value
