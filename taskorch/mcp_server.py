@@ -33,10 +33,10 @@ finish with complete_task(status=success|failure) passing the lease_token. On LE
 the task is no longer yours. Errors start with a code (VALIDATION_ERROR, NOT_FOUND, LEASE_LOST, \
 INVALID_STATE, CONFLICT, STORE_BUSY=retry)."""
 
-Priority = Literal["low", "medium", "high", "urgent", "normal", "critical"]
-WorkPath = Annotated[str, Field(description="Absolute directory path the task is about.", max_length=4096)]
-TaskId = Annotated[str, Field(max_length=200)]
-WorkerId = Annotated[str, Field(description="A stable name for you, e.g. 'claude-1'.", max_length=200)]
+Priority = Literal["low", "medium", "high", "urgent"]
+WorkPath = Annotated[str, Field(description="Absolute directory path.")]
+TaskId = str
+WorkerId = Annotated[str, Field(description="Your stable name, e.g. claude-1.")]
 Token = Annotated[int, Field(ge=1, description="lease.token from next_task.")]
 
 
@@ -70,61 +70,36 @@ class NextTaskResult(BaseModel):
 
 
 # Output schemas, written by hand: the generated ones spelled out every field of a task seven times
-# (~5,000 tokens). These name the fields a model acts on; the rest are still returned.
-_NULLABLE_STR = {"type": ["string", "null"]}
+# (~5,000 tokens). These name only what a model acts on; every field is still returned, and the
+# descriptions say what comes back.
 _TASK_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "A task; fields as in get_task.",
-    "properties": {
-        "id": {"type": "string"},
-        "work_path": {"type": "string"},
-        "title": {"type": "string"},
-        "status": {"enum": ["waiting", "working", "completed", "failed", "cancelled"]},
-        "priority": {"enum": ["low", "medium", "high", "urgent"]},
-        "version": {"type": "integer"},
-        "attempts": {"type": "integer"},
-        "worker_id": _NULLABLE_STR,
-        "depends_on": {"type": "array", "items": {"type": "string"}},
-    },
+    "properties": {"id": {"type": "string"}, "status": {"type": "string"}, "version": {"type": "integer"}},
     "required": ["id", "status", "version"],
 }
 _LEASE_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "properties": {"token": {"type": "integer"}, "expires_at": {"type": "string"}, "deadline_at": {"type": "string"}},
+    "properties": {"token": {"type": "integer"}, "expires_at": {"type": "string"}},
     "required": ["token", "expires_at"],
 }
-_TASKS_SCHEMA = {"type": "array", "items": _TASK_SCHEMA}
+_TASKS = {"type": "array", "items": _TASK_SCHEMA}
+
+
+def _object(required: list[str], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required}
+
+
 OUTPUT_SCHEMAS: dict[str, dict[str, Any]] = {
     "create_task": _TASK_SCHEMA,
-    "create_tasks": {"type": "object", "properties": {"tasks": _TASKS_SCHEMA}, "required": ["tasks"]},
-    "next_task": {
-        "type": "object",
-        "properties": {
-            "task": {"anyOf": [_TASK_SCHEMA, {"type": "null"}]},
-            "lease": {"anyOf": [_LEASE_SCHEMA, {"type": "null"}]},
-            "hint": _NULLABLE_STR,
-        },
-        "required": ["task"],
-    },
+    "create_tasks": _object(["tasks"], tasks=_TASKS),
+    "next_task": _object(["task"], task={"type": ["object", "null"]}, lease={"type": ["object", "null"]}),
     "complete_task": _TASK_SCHEMA,
     "heartbeat_task": _LEASE_SCHEMA,
     "cancel_task": _TASK_SCHEMA,
     "retry_task": _TASK_SCHEMA,
-    "get_task": {
-        "type": "object",
-        "properties": {"task": _TASK_SCHEMA, "events": {"type": ["array", "null"]}},
-        "required": ["task"],
-    },
-    "list_tasks": {
-        "type": "object",
-        "properties": {"tasks": _TASKS_SCHEMA, "total": {"type": "integer"}},
-        "required": ["tasks", "total"],
-    },
-    "statistics": {
-        "type": "object",
-        "properties": {"total": {"type": "integer"}, "by_status": {"type": "object"}},
-        "required": ["total", "by_status"],
-    },
+    "get_task": _object(["task"], task=_TASK_SCHEMA),
+    "list_tasks": _object(["tasks", "total"], tasks=_TASKS, total={"type": "integer"}),
+    "statistics": _object(["total"], total={"type": "integer"}),
 }
 
 
@@ -140,7 +115,11 @@ def compact_schema(node: Any) -> Any:
     for key, value in node.items():
         if key in ("properties", "$defs"):  # names of arguments and models, not schema keywords
             out[key] = {name: compact_schema(sub) for name, sub in value.items()}
-        elif not (key == "title" and isinstance(value, str)) and not (key == "default" and value is None):
+        elif key == "title" and isinstance(value, str):
+            continue
+        elif (key, value) in (("default", None), ("additionalProperties", True)):
+            continue  # the JSON Schema defaults
+        else:
             out[key] = compact_schema(value)
     options = out.get("anyOf")
     if isinstance(options, list) and {"type": "null"} in options and len(options) == 2:
@@ -150,17 +129,15 @@ def compact_schema(node: Any) -> Any:
     return out
 
 
-def _read_only(title: str) -> types.ToolAnnotations:
-    return types.ToolAnnotations(title=title, read_only_hint=True, idempotent_hint=True, open_world_hint=False)
+# Hints are given only where they differ from the spec's defaults (readOnly false, destructive
+# true, idempotent false, openWorld true).
+def _read_only() -> types.ToolAnnotations:
+    return types.ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
 
-def _write(title: str, *, destructive: bool = False, idempotent: bool = False) -> types.ToolAnnotations:
+def _write(*, destructive: bool = False, idempotent: bool = False) -> types.ToolAnnotations:
     return types.ToolAnnotations(
-        title=title,
-        read_only_hint=False,
-        destructive_hint=destructive,
-        idempotent_hint=idempotent,
-        open_world_hint=False,
+        destructive_hint=destructive, idempotent_hint=idempotent or None, open_world_hint=False
     )
 
 
@@ -213,7 +190,7 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
     @mcp.tool(
         description="File a task for agents working in work_path. Returns the task (status waiting). "
         "A repeated idempotency_key returns the first task instead of a duplicate.",
-        annotations=_write("Create task"),
+        annotations=_write(),
     )
     async def create_task(
         work_path: WorkPath,
@@ -237,7 +214,7 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
     @mcp.tool(
         description="File several tasks atomically (all or none). Items may depend on each other by "
         "ref; mode=sequential chains them in order.",
-        annotations=_write("Create tasks"),
+        annotations=_write(),
     )
     async def create_tasks(
         tasks: Annotated[list[TaskSpec], Field(min_length=1, max_length=500)],
@@ -250,7 +227,7 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
         description="Claim the next task for work_path (highest priority, then oldest). Returns "
         "{task, lease}; do the task, then complete_task with lease.token. task=null means nothing "
         "to do: retry later or pass wait_seconds (<=60) to wait for one.",
-        annotations=_write("Claim next task"),
+        annotations=_write(),
     )
     async def next_task(
         work_path: WorkPath,
@@ -271,7 +248,7 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
     @mcp.tool(
         description="Report the outcome of a task you claimed. status=failure retries it later if "
         "attempts remain (retryable=false to stop). LEASE_LOST: the task is no longer yours; drop it.",
-        annotations=_write("Complete task", idempotent=True),
+        annotations=_write(idempotent=True),
     )
     async def complete_task(
         task_id: TaskId,
@@ -292,7 +269,7 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
     @mcp.tool(
         description="Keep your claim alive on long work; call at least every lease_seconds/2. "
         "LEASE_LOST means stop and do not complete.",
-        annotations=_write("Renew lease", idempotent=True),
+        annotations=_write(idempotent=True),
     )
     async def heartbeat_task(
         task_id: TaskId,
@@ -307,7 +284,7 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
     @mcp.tool(
         description="Cancel a waiting or working task. Pass expected_version to fail with CONFLICT "
         "if it changed since you read it.",
-        annotations=_write("Cancel task", destructive=True, idempotent=False),
+        annotations=_write(destructive=True, idempotent=False),
     )
     async def cancel_task(
         task_id: TaskId,
@@ -318,18 +295,18 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
 
     @mcp.tool(
         description="Put a failed or cancelled task back in the queue with fresh attempts.",
-        annotations=_write("Retry task"),
+        annotations=_write(),
     )
     async def retry_task(task_id: TaskId, expected_version: Annotated[int | None, Field(ge=1)] = None) -> Task:
         return await service.retry_task(task_id=task_id, expected_version=expected_version)
 
-    @mcp.tool(description="One task by id; include_events adds its history.", annotations=_read_only("Get task"))
+    @mcp.tool(description="One task by id; include_events adds its history.", annotations=_read_only())
     async def get_task(task_id: TaskId, include_events: bool | None = None) -> TaskWithEvents:
         return await service.get_task(task_id=task_id, include_events=include_events)
 
     @mcp.tool(
         description="Tasks newest first, filtered; returns {tasks, total}. Use limit/offset to page.",
-        annotations=_read_only("List tasks"),
+        annotations=_read_only(),
     )
     async def list_tasks(
         status: Literal["waiting", "working", "completed", "failed", "cancelled"] | None = None,
@@ -345,7 +322,7 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
 
     @mcp.tool(
         description="Queue health: counts by status, priority and work_path, wait/run times, workers.",
-        annotations=_read_only("Statistics"),
+        annotations=_read_only(),
     )
     async def statistics(work_path: WorkPath | None = None) -> Statistics:
         return await service.statistics(work_path=work_path)
