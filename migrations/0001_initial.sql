@@ -35,8 +35,8 @@ CREATE TABLE tasks (
 CREATE INDEX tasks_claimable ON tasks (work_path, priority DESC, created_at, id) WHERE status = 'waiting';
 -- Lease recovery: live claims ordered by expiry.
 CREATE INDEX tasks_leases ON tasks (lease_expires_at) WHERE status = 'working';
--- Listing and statistics.
-CREATE INDEX tasks_status ON tasks (status, created_at, id);
+-- The per-work_path cap on running tasks, and statistics. (No index on status alone: every
+-- transition would pay for it, and without ANALYZE the planner preferred it to tasks_leases.)
 CREATE INDEX tasks_work_path ON tasks (work_path, status);
 CREATE INDEX tasks_completed ON tasks (completed_at) WHERE completed_at IS NOT NULL;
 CREATE UNIQUE INDEX tasks_idempotency ON tasks (idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -67,4 +67,6 @@ CREATE TABLE task_events (
     detail      TEXT                -- JSON object
 );
 CREATE INDEX task_events_task ON task_events (task_id, id);
-CREATE INDEX task_events_kind ON task_events (kind, at);
+-- Only the rare kinds that statistics count: the common ones then cost no index write.
+CREATE INDEX task_events_counted ON task_events (kind)
+    WHERE kind IN ('lease_expired', 'retry_scheduled', 'retried');

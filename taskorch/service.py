@@ -72,6 +72,7 @@ class TaskService:
         self.store = store
         self.config = config
         self._changed = anyio.Event()  # set (and replaced) when something may have become claimable
+        self._waiting = 0  # long polls in progress
 
     # -- creating ---------------------------------------------------------------------------
 
@@ -214,6 +215,13 @@ class TaskService:
 
     async def _wait_and_claim(self, f: ClaimFilter, wait: float) -> tuple[Task, Lease] | None:
         deadline = anyio.current_time() + wait
+        self._waiting += 1
+        try:
+            return await self._wait_loop(f, deadline, wait)
+        finally:
+            self._waiting -= 1
+
+    async def _wait_loop(self, f: ClaimFilter, deadline: float, wait: float) -> tuple[Task, Lease] | None:
         while True:
             changed = self._changed
             # Our own creates wake us at once; other processes' are seen by polling.
@@ -437,8 +445,9 @@ class TaskService:
                 log.warning("sweep skipped: %s", e)
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._waiting:  # a new Event per write costs more than the write's Python part
+            self._changed.set()
+            self._changed = anyio.Event()
 
 
 def _topological_order(deps: list[list[int]]) -> list[int]:

@@ -106,6 +106,10 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+def _json_list(text: str) -> list:
+    return [] if text == "[]" else json.loads(text)  # the common case, without the parser
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -120,10 +124,10 @@ def task_from_row(row: Row) -> Task:
             title=row["title"],
             prompt=row["prompt"],
             priority=RANK_PRIORITY[row["priority"]],
-            tags=json.loads(row["tags"]),
-            metadata=json.loads(row["metadata"]),
+            tags=_json_list(row["tags"]),
+            metadata={} if row["metadata"] == "{}" else json.loads(row["metadata"]),
             status=Status(row["status"]),
-            depends_on=json.loads(row["depends_on"]),
+            depends_on=_json_list(row["depends_on"]),
             attempts=row["attempts"],
             max_attempts=row["max_attempts"],
             worker_id=row["worker_id"],
