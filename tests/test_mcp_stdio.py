@@ -249,7 +249,9 @@ def test_garbage_on_stdin_keeps_stdout_pure_json_rpc(tmp_path: Path) -> None:
             )
             assert big["result"]["isError"] is True
             assert big["result"]["content"][0]["text"].startswith("VALIDATION_ERROR: prompt"), big
-            big = server.request(61, "tools/call", {"name": "create_task", "arguments": {"work_path": "/" + mib, "prompt": "p"}})
+            big = server.request(
+                61, "tools/call", {"name": "create_task", "arguments": {"work_path": "/" + mib, "prompt": "p"}}
+            )
             assert big["result"]["content"][0]["text"].startswith("VALIDATION_ERROR: work_path"), big
 
             # Protocol errors stay protocol errors.
