@@ -20,7 +20,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from . import __version__
 from .errors import TaskorchError
-from .models import Claim, Lease, Statistics, Task, TaskPage, TaskWithEvents
+from .models import Claim, Lease, Task
 from .service import TaskService
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,15 @@ def _write(*, destructive: bool = False, idempotent: bool = False) -> types.Tool
     )
 
 
+def _ok(model: BaseModel) -> types.CallToolResult:
+    """A tool's answer: structured content, and the same JSON as compact text for clients that
+    read only text. Built here rather than by the SDK, which re-validates the returned model and
+    indents the text: both cost time and tokens on every call."""
+    data = model.model_dump(mode="json")
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return types.CallToolResult(content=[types.TextContent(type="text", text=text)], structured_content=data)
+
+
 def _error_result(code: str, message: str) -> types.CallToolResult:
     return types.CallToolResult(content=[types.TextContent(type="text", text=f"{code}: {message}")], is_error=True)
 
@@ -175,11 +184,6 @@ class TaskorchMCP(MCPServer):
                 return _error_result("NOT_FOUND", f"{exc}; tools/list shows the tools")
             log.exception("tool %r failed", name)
             return _error_result("INTERNAL_ERROR", "the server failed; see its log")
-        if isinstance(result, types.CallToolResult) and result.structured_content is not None:
-            # The SDK's text copy of the result is indented JSON; the compact form is the same
-            # data in fewer bytes (and tokens) on every call.
-            text = json.dumps(result.structured_content, separators=(",", ":"), ensure_ascii=False)
-            result = result.model_copy(update={"content": [types.TextContent(type="text", text=text)]})
         return result
 
 
@@ -204,12 +208,13 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
         metadata: dict[str, Any] | None = None,
         delay_seconds: Annotated[float | None, Field(ge=0)] = None,
         timeout_seconds: Annotated[int | None, Field(ge=1, description="Per-attempt time limit.")] = None,
-    ) -> Task:
-        return await service.create_task(
+    ) -> types.CallToolResult:
+        task = await service.create_task(
             work_path=work_path, prompt=prompt, title=title, priority=priority, tags=tags,
             depends_on=depends_on, max_attempts=max_attempts, idempotency_key=idempotency_key,
             metadata=metadata, delay_seconds=delay_seconds, timeout_seconds=timeout_seconds,
         )  # fmt: skip
+        return _ok(task)
 
     @mcp.tool(
         description="File several tasks atomically (all or none). Items may depend on each other by "
@@ -219,9 +224,9 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
     async def create_tasks(
         tasks: Annotated[list[TaskSpec], Field(min_length=1, max_length=500)],
         mode: Literal["parallel", "sequential"] = "parallel",
-    ) -> TaskList:
+    ) -> types.CallToolResult:
         items = [t.model_dump(exclude_none=True) for t in tasks]
-        return TaskList(tasks=await service.create_tasks(tasks=items, mode=mode))
+        return _ok(TaskList(tasks=await service.create_tasks(tasks=items, mode=mode)))
 
     @mcp.tool(
         description="Claim the next task for work_path (highest priority, then oldest). Returns "
@@ -236,14 +241,14 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
         wait_seconds: Annotated[float | None, Field(ge=0, le=60)] = None,
         include_subpaths: bool | None = None,
         tags: Annotated[list[str] | None, Field(description="Only tasks with one of these tags.")] = None,
-    ) -> NextTaskResult:
+    ) -> types.CallToolResult:
         claim: Claim | None = await service.next_task(
             work_path=work_path, worker_id=worker_id, lease_seconds=lease_seconds,
             wait_seconds=wait_seconds, include_subpaths=include_subpaths, tags=tags,
         )  # fmt: skip
         if claim is None:
-            return NextTaskResult(task=None, hint="No claimable task now. Call again later or with wait_seconds.")
-        return NextTaskResult(task=claim.task, lease=claim.lease)
+            return _ok(NextTaskResult(task=None, hint="No claimable task now. Call again later or with wait_seconds."))
+        return _ok(NextTaskResult(task=claim.task, lease=claim.lease))
 
     @mcp.tool(
         description="Report the outcome of a task you claimed. status=failure retries it later if "
@@ -260,11 +265,12 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
         artifacts: Annotated[list[Any] | None, Field(description="Files or links produced.")] = None,
         duration_ms: Annotated[int | None, Field(ge=0)] = None,
         retryable: bool | None = None,
-    ) -> Task:
-        return await service.complete_task(
+    ) -> types.CallToolResult:
+        result = await service.complete_task(
             task_id=task_id, worker_id=worker_id, lease_token=lease_token, status=status, output=output,
             details=details, artifacts=artifacts, duration_ms=duration_ms, retryable=retryable,
         )  # fmt: skip
+        return _ok(result)
 
     @mcp.tool(
         description="Keep your claim alive on long work; call at least every lease_seconds/2. "
@@ -276,10 +282,11 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
         worker_id: WorkerId,
         lease_token: Token,
         lease_seconds: Annotated[float | None, Field(ge=1)] = None,
-    ) -> Lease:
-        return await service.heartbeat_task(
+    ) -> types.CallToolResult:
+        result = await service.heartbeat_task(
             task_id=task_id, worker_id=worker_id, lease_token=lease_token, lease_seconds=lease_seconds
         )
+        return _ok(result)
 
     @mcp.tool(
         description="Cancel a waiting or working task. Pass expected_version to fail with CONFLICT "
@@ -290,19 +297,24 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
         task_id: TaskId,
         reason: str | None = None,
         expected_version: Annotated[int | None, Field(ge=1)] = None,
-    ) -> Task:
-        return await service.cancel_task(task_id=task_id, reason=reason, expected_version=expected_version)
+    ) -> types.CallToolResult:
+        result = await service.cancel_task(task_id=task_id, reason=reason, expected_version=expected_version)
+        return _ok(result)
 
     @mcp.tool(
         description="Put a failed or cancelled task back in the queue with fresh attempts.",
         annotations=_write(),
     )
-    async def retry_task(task_id: TaskId, expected_version: Annotated[int | None, Field(ge=1)] = None) -> Task:
-        return await service.retry_task(task_id=task_id, expected_version=expected_version)
+    async def retry_task(
+        task_id: TaskId, expected_version: Annotated[int | None, Field(ge=1)] = None
+    ) -> types.CallToolResult:
+        result = await service.retry_task(task_id=task_id, expected_version=expected_version)
+        return _ok(result)
 
     @mcp.tool(description="One task by id; include_events adds its history.", annotations=_read_only())
-    async def get_task(task_id: TaskId, include_events: bool | None = None) -> TaskWithEvents:
-        return await service.get_task(task_id=task_id, include_events=include_events)
+    async def get_task(task_id: TaskId, include_events: bool | None = None) -> types.CallToolResult:
+        result = await service.get_task(task_id=task_id, include_events=include_events)
+        return _ok(result)
 
     @mcp.tool(
         description="Tasks newest first, filtered; returns {tasks, total}. Use limit/offset to page.",
@@ -315,17 +327,19 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
         tag: str | None = None,
         limit: Annotated[int | None, Field(ge=1, le=200)] = None,
         offset: Annotated[int | None, Field(ge=0)] = None,
-    ) -> TaskPage:
-        return await service.list_tasks(
+    ) -> types.CallToolResult:
+        result = await service.list_tasks(
             status=status, work_path=work_path, priority=priority, tag=tag, limit=limit, offset=offset
         )
+        return _ok(result)
 
     @mcp.tool(
         description="Queue health: counts by status, priority and work_path, wait/run times, workers.",
         annotations=_read_only(),
     )
-    async def statistics(work_path: WorkPath | None = None) -> Statistics:
-        return await service.statistics(work_path=work_path)
+    async def statistics(work_path: WorkPath | None = None) -> types.CallToolResult:
+        result = await service.statistics(work_path=work_path)
+        return _ok(result)
 
     @mcp.resource(
         "taskorch://tasks/{task_id}",
