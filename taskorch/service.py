@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -65,12 +67,46 @@ def _percentile(sorted_values: list[float], p: float) -> float | None:
     return round(sorted_values[k], 6)
 
 
+class ServiceObserver(Protocol):
+    """What metrics need to see of the service (taskorch.metrics implements it)."""
+
+    def task_event(self, kind: str, count: int) -> None:
+        """kind: created, claimed, completed, failed, retried or lease_expired."""
+
+    def store_latency(self, operation: str, seconds: float) -> None: ...
+
+
+class _TimedStore:
+    """The store, with every operation's duration reported to an observer."""
+
+    def __init__(self, store: SqliteStore, observer: ServiceObserver) -> None:
+        self._store = store
+        self._observer = observer
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return await attr(*args, **kwargs)
+            finally:
+                self._observer.store_latency(name, time.perf_counter() - start)
+
+        return timed
+
+
 class TaskService:
     """The queue's rules. Build it with `open_service`; all methods are coroutines."""
 
-    def __init__(self, store: SqliteStore, config: Config) -> None:
-        self.store = store
+    def __init__(self, store: SqliteStore, config: Config, observer: ServiceObserver | None = None) -> None:
+        self.store = store if observer is None else _TimedStore(store, observer)
         self.config = config
+        self._observer = observer
+        if observer is not None:
+            store.on_leases_recovered = lambda n: observer.task_event("lease_expired", n)
         self._changed = anyio.Event()  # set (and replaced) when something may have become claimable
         self._waiting = 0  # long polls in progress
 
@@ -98,6 +134,7 @@ class TaskService:
             metadata=metadata, delay_seconds=delay_seconds, timeout_seconds=timeout_seconds,
         )  # fmt: skip
         task = await self.store.create(spec)
+        self._count("created")
         self._notify()
         return task
 
@@ -150,6 +187,7 @@ class TaskService:
         ordered_specs = [specs[i] for i in order]
         ordered_refs = [[position[j] for j in deps_by_index[i]] for i in order]
         created = await self.store.create_many(ordered_specs, ordered_refs)
+        self._count("created", len(created))
         self._notify()
         return [created[position[i]] for i in range(len(specs))]
 
@@ -210,6 +248,7 @@ class TaskService:
             claimed = await self._wait_and_claim(f, wait)
         if claimed is None:
             return None
+        self._count("claimed")
         task, lease = claimed
         return Claim.model_construct(task=task, lease=lease)
 
@@ -284,6 +323,7 @@ class TaskService:
                 backoff_max_us=int(cfg.retry_backoff_max_seconds * _US),
             )
         )  # fmt: skip
+        self._count({Status.COMPLETED: "completed", Status.FAILED: "failed"}.get(task.status, "retried"))
         if task.status is Status.COMPLETED or task.status is Status.WAITING:
             self._notify()  # dependants may be claimable now, or the task itself later
         return task
@@ -332,6 +372,7 @@ class TaskService:
             v.identifier("task_id", task_id),  # type: ignore[arg-type]
             None if expected_version is None else v.integer("expected_version", expected_version, lo=1),
         )
+        self._count("retried")
         self._notify()
         return task
 
@@ -417,6 +458,7 @@ class TaskService:
         """Requeue (or fail) tasks whose lease expired. Claims do this too; the sweep makes
         sure it happens when nobody claims."""
         n = await self.store.recover_expired()
+        self._count("lease_expired", n)
         if n:
             log.info("recovered %d expired lease(s)", n)
             self._notify()
@@ -443,6 +485,10 @@ class TaskService:
                     await self.cleanup()
             except TaskorchError as e:  # busy or transient: the next round tries again
                 log.warning("sweep skipped: %s", e)
+
+    def _count(self, kind: str, n: int = 1) -> None:
+        if self._observer is not None and n:
+            self._observer.task_event(kind, n)
 
     def _notify(self) -> None:
         if self._waiting:  # a new Event per write costs more than the write's Python part
@@ -482,11 +528,13 @@ async def open_service(
     durability: str | None = None,
     clock: Clock | None = None,
     sweep: bool = True,
+    observer: ServiceObserver | None = None,
 ) -> AsyncIterator[TaskService]:
     """Open the database (creating and migrating it on first use) and yield the service.
 
     `db_path` overrides the configured file; `durability` ("full" or "normal") the configured
     durability. The background sweep of expired leases runs while the context is open.
+    `observer` (e.g. taskorch.metrics) is told of task transitions and store latencies.
     """
     cfg = config if config is not None else load_config()
     path = Path(db_path).expanduser() if db_path is not None else cfg.db_path()  # noqa: ASYNC240 (no I/O: expands ~)
@@ -499,7 +547,7 @@ async def open_service(
         migrations_dir=resource_dir("migrations"),
         clock=clock or system_clock,
     )
-    service = TaskService(store, cfg)
+    service = TaskService(store, cfg, observer)
     # A plain task, not a task group: a group would wrap every error raised by the caller's block
     # in an ExceptionGroup, and callers expect `except taskorch.NotFound` to work.
     sweeper = asyncio.get_running_loop().create_task(service.run_sweeper()) if sweep else None
@@ -513,4 +561,4 @@ async def open_service(
             await store.close()
 
 
-__all__ = ["TERMINAL", "TaskService", "open_service"]
+__all__ = ["TERMINAL", "ServiceObserver", "TaskService", "open_service"]

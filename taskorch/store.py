@@ -236,6 +236,8 @@ class SqliteStore:
     def __init__(self, db: Database, clock: Clock = system_clock) -> None:
         self.db = db
         self.clock = clock
+        # Told how many expired leases a claim recovered on its way (for metrics).
+        self.on_leases_recovered: Callable[[int], None] | None = None
 
     @classmethod
     async def open(
@@ -285,7 +287,9 @@ class SqliteStore:
 
     async def claim(self, f: ClaimFilter, busy_timeout_ms: int | None = None) -> tuple[Task, Lease] | None:
         now = self.clock()
-        row = await self.db.write(_claim, f, now, busy_timeout_ms=busy_timeout_ms)
+        row, recovered = await self.db.write(_claim, f, now, busy_timeout_ms=busy_timeout_ms)
+        if recovered and self.on_leases_recovered is not None:
+            self.on_leases_recovered(recovered)
         if row is None:
             return None
         return task_from_row(row), lease_from_row(row)
@@ -360,8 +364,8 @@ class SqliteStore:
 # -- transaction bodies (run inline or on the database thread) ----------------------------------
 
 
-def _claim(tx: Tx, f: ClaimFilter, now: int) -> Row | None:
-    _recover_expired(tx, now)
+def _claim(tx: Tx, f: ClaimFilter, now: int) -> tuple[Row | None, int]:
+    recovered = _recover_expired(tx, now)
     params = {
         "work_path": f.work_path,
         "worker_id": f.worker_id,
@@ -379,7 +383,7 @@ def _claim(tx: Tx, f: ClaimFilter, now: int) -> Row | None:
         row = tx.fetchone(q.CLAIM_NEXT, params)
     if row is not None:
         _event(tx, row, "claimed", "waiting", now)
-    return row
+    return row, recovered
 
 
 def _lease_problem(tx: Tx, task_id: str, worker_id: str, token: int, now: int) -> Exception:
