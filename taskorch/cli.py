@@ -314,6 +314,11 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--older-than-hours", type=float, metavar="H", help="default: retention.completed_hours")
     p.add_argument("--max-tasks", type=int, metavar="N", help="default: retention.max_tasks")
+
+    # argparse only at import time: the runner (litellm, the sandbox) loads when worker/run runs.
+    from .runner.cli import add_runner_commands
+
+    add_runner_commands(sub, common)
     return parser
 
 

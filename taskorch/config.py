@@ -147,7 +147,12 @@ def default_db_path() -> Path:
 
 
 _SELECTORS = {"TASKORCH_CONFIG", "TASKORCH_ENV"}  # pick layers; they are not keys
-_SHORTCUTS = {"TASKORCH_DB": ("store", "path"), "TASKORCH_API_KEYS": ("server", "api_keys")}
+_SHORTCUTS = {
+    "TASKORCH_DB": ("store", "path"),
+    "TASKORCH_API_KEYS": ("server", "api_keys"),
+    "TASKORCH_LLM_MODEL": ("llm", "model"),
+    "TASKORCH_LLM_API_BASE": ("llm", "api_base"),
+}
 _SECRET = ("server", "api_keys")
 
 

@@ -396,14 +396,19 @@ def serve(
     port: int | None = None,
     insecure: bool = False,
 ) -> int:
-    """Run the MCP server until the client disconnects (stdio). Returns the exit code."""
+    """Run the MCP server: over stdio until the client disconnects, or over HTTP (see
+    `taskorch.http_server`) until stopped. Returns the exit code."""
     import anyio
 
     from .service import open_service
 
     mode = transport or config.server.transport
+    if mode == "http":
+        from .http_server import serve as serve_http
+
+        return serve_http(config, host=host, port=port, insecure=insecure)
     if mode != "stdio":
-        log.error("transport %r is not available yet; use stdio", mode)
+        log.error("transport %r is not available; use stdio or http", mode)
         return 2
 
     async def run() -> None:
