@@ -48,7 +48,7 @@ import taskorch
 from taskorch import queries as q
 from taskorch.config import load_config
 from taskorch.db import _split_statements
-from taskorch.resources import resource_dir
+from taskorch.resources import migrations_dir
 from taskorch.store import new_task_id, system_clock
 
 WORK_PATHS = [f"/srv/bench/project-{i}" for i in range(4)]
@@ -142,7 +142,7 @@ class RawEquivalent:
 
     def __init__(self, db: str, durability: str) -> None:
         self.conn = c = connect(db, durability)
-        for path in sorted(resource_dir("migrations").glob("[0-9]*.sql")):
+        for path in sorted(migrations_dir("sqlite").glob("[0-9]*.sql")):
             c.execute("BEGIN IMMEDIATE")
             for statement in _split_statements(path.read_text(encoding="utf-8")):
                 c.execute(statement)

@@ -203,7 +203,7 @@ def _service_command(fn: Callable[..., Any], render: Callable[[Any], str]) -> Ca
 
 def _migrate(cfg: Config, a: argparse.Namespace) -> int:
     from .db import Database
-    from .resources import resource_dir
+    from .resources import migrations_dir
 
     path = cfg.db_path()
 
@@ -212,7 +212,7 @@ def _migrate(cfg: Config, a: argparse.Namespace) -> int:
             path, durability=cfg.store.durability, busy_timeout_ms=cfg.store.busy_timeout_ms, inline_writes=False
         )
         try:
-            return await db.migrate(resource_dir("migrations"))
+            return await db.migrate(migrations_dir("sqlite"))
         finally:
             await db.close()
 

@@ -44,7 +44,7 @@ from .models import (
     WorkPathStats,
     us_to_datetime,
 )
-from .resources import resource_dir
+from .resources import migrations_dir
 from .store import ClaimFilter, Clock, Completion, NewTask, SqliteStore, system_clock
 
 log = logging.getLogger(__name__)
@@ -544,7 +544,7 @@ async def open_service(
         durability=mode,
         busy_timeout_ms=cfg.store.busy_timeout_ms,
         inline_writes=cfg.store.inline_writes,
-        migrations_dir=resource_dir("migrations"),
+        migrations_dir=migrations_dir("sqlite"),
         clock=clock or system_clock,
     )
     service = TaskService(store, cfg, observer)
