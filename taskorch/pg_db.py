@@ -1,0 +1,297 @@
+"""The only module that touches asyncpg: the pool and its session settings, migrations, the
+translation of driver errors, and wake-ups between servers (LISTEN/NOTIFY).
+
+One operation, one round trip. Every state transition is one statement (pg_queries.py), run on a
+pooled connection in its own implicit transaction; the pool hands connections back without
+asyncpg's reset query (we never change session state), which would be a second round trip.
+
+Wake-ups. A server that made tasks claimable sends `pg_notify` AFTER its commit, at most once
+per work_path per NOTIFY_INTERVAL, from a background task: a NOTIFY inside the create's
+transaction would take PostgreSQL's cluster-wide notify lock across the commit's WAL flush and
+serialise every commit (measured 0.26x, notes/postgres-scaleout.md). Each server keeps one LISTEN
+connection outside the pool, reconnecting on loss; a notification from another server calls
+`on_remote_change`. It is only a hint: the service's long polls re-check every poll interval, and
+after every reconnect, which covers missed notifications, run_after and lease expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+
+from . import pg_queries as pq
+from .config import PostgresConfig
+from .errors import InternalError, StoreBusy, TaskorchError
+from .stores import redacted_url
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CHANNEL = "taskorch_changes"
+NOTIFY_INTERVAL = 0.1  # seconds: at most one NOTIFY per work_path per interval
+KEEPALIVE = 10.0  # seconds between checks that the LISTEN connection is alive
+_MAX_PAYLOAD = 7900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
+_CONFLICT_RETRIES = 3
+_RETRY = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+# The server cannot take the operation now; nothing about it is wrong: retryable.
+_UNAVAILABLE = frozenset({"53300", "57P01", "57P02", "57P03"})  # too many connections, shutting down
+
+
+def translate(exc: BaseException, location: str) -> TaskorchError:
+    """Driver errors end here: contention and unavailability become STORE_BUSY, the rest an
+    internal error with a log line. Messages name settings, never SQL or a password."""
+    code = getattr(exc, "sqlstate", None) or ""
+    if code in _RETRY:
+        return StoreBusy("the database kept aborting the operation on conflicting writes; retry shortly")
+    if code == "55P03":
+        return StoreBusy("the task was locked by another operation for longer than lock_timeout_ms; retry shortly")
+    if code == "57014":
+        return StoreBusy("the database took longer than statement_timeout_ms; retry shortly")
+    if code in _UNAVAILABLE or code.startswith("08") or isinstance(exc, OSError | TimeoutError):
+        log.warning("database %s unavailable: %s", location, exc)
+        return StoreBusy(f"the database {location} is unavailable or all connections are busy; retry shortly")
+    log.error("postgresql error %s at %s: %s", code or type(exc).__name__, location, exc)
+    return InternalError("the database reported an error; see the server log")
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset hook: nothing to undo (no SET, no LISTEN on pooled connections)."""
+
+
+def _session_settings(cfg: PostgresConfig, durability: str) -> dict[str, str]:
+    return {
+        "application_name": "taskorch",
+        # full: a commit returns once its WAL is on disk; normal: the WAL writer flushes within
+        # ~3 x wal_writer_delay, so a database server crash can lose that much acknowledged work.
+        "synchronous_commit": "on" if durability == "full" else "off",
+        "statement_timeout": str(cfg.statement_timeout_ms),
+        "lock_timeout": str(cfg.lock_timeout_ms),
+        # A session idle inside a transaction holds a snapshot: every claim then walks dead index
+        # entries it cannot clean (0.25x at 2,500 per work_path). The server ends such sessions.
+        "idle_in_transaction_session_timeout": str(cfg.idle_in_transaction_timeout_ms),
+    }
+
+
+async def _migrate(conn: asyncpg.Connection, scripts: list[tuple[str, str]]) -> list[str]:
+    applied: list[str] = []
+    for name, script in scripts:
+        # One transaction per file, the check inside it, under one advisory lock: servers
+        # starting together wait for each other and every migration runs once. DDL is
+        # transactional here, so a failing file leaves nothing half-applied.
+        async with conn.transaction():
+            await conn.execute(pq.MIGRATION_LOCK)
+            await conn.execute(pq.CREATE_MIGRATIONS_TABLE)
+            if await conn.fetchval(pq.SELECT_MIGRATION, name) is None:
+                await conn.execute(script)
+                await conn.execute(pq.INSERT_MIGRATION, name)
+                applied.append(name)
+    return applied
+
+
+def _read_scripts(migrations: Path) -> list[tuple[str, str]]:
+    files = sorted(p for p in migrations.glob("*.sql") if p.name[:4].isdigit())
+    return [(p.stem, p.read_text(encoding="utf-8")) for p in files]
+
+
+class PgDatabase:
+    """A pool of connections to one PostgreSQL database. Build with `await PgDatabase.open(...)`."""
+
+    def __init__(self, url: str, cfg: PostgresConfig, durability: str) -> None:
+        if durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
+        self._url = url
+        self.location = redacted_url(url)
+        self.cfg = cfg
+        self.durability = durability
+        self.pool: asyncpg.Pool | None = None
+        # How long an operation may wait for a free connection before it is STORE_BUSY.
+        self.acquire_timeout = (cfg.statement_timeout_ms or 30_000) / 1000
+        self.clock_offset_us = 0
+        self.on_remote_change: Callable[[], None] | None = None
+        self._instance = uuid.uuid4().hex[:16]  # tells our own notifications from other servers'
+        self._pending: set[str] = set()
+        self._notifier: asyncio.Task | None = None
+        self._listener: asyncio.Task | None = None
+
+    @classmethod
+    async def open(cls, url: str, cfg: PostgresConfig, *, durability: str, migrations: Path) -> PgDatabase:
+        db = cls(url, cfg, durability)
+        scripts = _read_scripts(migrations)  # a few small files, once at start-up
+        try:
+            db.pool = await asyncpg.create_pool(
+                url,
+                min_size=cfg.pool_min,
+                max_size=cfg.pool_max,
+                server_settings=_session_settings(cfg, durability),
+                reset=_keep_session,
+                timeout=db.acquire_timeout,
+            )
+            async with db.pool.acquire() as conn:
+                await _migrate(conn, scripts)
+                before = time.time_ns()
+                db_now = await conn.fetchval(pq.DB_CLOCK)
+                # The database's clock relative to ours, measured once: store.clock() is only
+                # used where a round trip's error does not matter (retention cut-offs).
+                db.clock_offset_us = db_now - (before + time.time_ns()) // 2000
+            listen = await db._connect_listener()
+            db._listener = asyncio.get_running_loop().create_task(db._listen(*listen))
+        except BaseException as e:
+            await db.close()
+            if isinstance(e, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError):
+                raise translate(e, db.location) from None
+            raise
+        return db
+
+    @classmethod
+    async def migrate_only(cls, url: str, cfg: PostgresConfig, migrations: Path) -> list[str]:
+        """Apply pending migrations on one connection (the `taskorch migrate` command)."""
+        location = redacted_url(url)
+        scripts = _read_scripts(migrations)
+        try:
+            conn = await asyncpg.connect(url, server_settings=_session_settings(cfg, "full"), timeout=30)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
+            raise translate(e, location) from None
+        try:
+            return await _migrate(conn, scripts)
+        except asyncpg.PostgresError as e:
+            raise translate(e, location) from None
+        finally:
+            await conn.close()
+
+    def clock(self) -> int:
+        """The database's time in microseconds, estimated from ours and the offset measured at open."""
+        return time.time_ns() // 1000 + self.clock_offset_us
+
+    async def close(self) -> None:
+        if self._notifier is not None and not self._notifier.done():
+            # Changes made just before closing (a `taskorch tasks add`) still wake other servers.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._notifier), 2)
+        for task in (self._notifier, self._listener):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._notifier = self._listener = None
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except TimeoutError:
+                pool.terminate()
+
+    # -- running operations ---------------------------------------------------------------------
+
+    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any, acquire_timeout: float | None = None) -> T:
+        """`await fn(conn, *args)` on a pooled connection. Serialization failures and deadlocks
+        (the operation was rolled back whole) are retried up to 3 times with jitter; every driver
+        error is translated. TaskorchErrors raised by `fn` pass through."""
+        pool = self.pool
+        if pool is None:
+            raise InternalError("the database is closed")
+        timeout = self.acquire_timeout if acquire_timeout is None else acquire_timeout
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            try:
+                async with pool.acquire(timeout=timeout) as conn:
+                    return await fn(conn, *args)
+            except asyncpg.PostgresError as e:
+                if e.sqlstate in _RETRY and attempt < _CONFLICT_RETRIES:
+                    await asyncio.sleep(random.uniform(0.002, 0.01) * 2**attempt)
+                    continue
+                raise translate(e, self.location) from None
+            except (OSError, TimeoutError, asyncpg.InterfaceError) as e:
+                raise translate(e, self.location) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        return await self.run(_fetchrow, sql, args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self.run(_fetch, sql, args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self.run(_fetchval, sql, args)
+
+    # -- wake-ups between servers -----------------------------------------------------------------
+
+    def notify(self, work_paths: Iterable[str | None]) -> None:
+        """Tell other servers that these work_paths may have claimable tasks. Call after commit."""
+        self._pending.update(p for p in work_paths if p)
+        if self._pending and (self._notifier is None or self._notifier.done()) and self.pool is not None:
+            self._notifier = asyncio.get_running_loop().create_task(self._send_notifications())
+
+    async def _send_notifications(self) -> None:
+        while self._pending and self.pool is not None:
+            paths, self._pending = self._pending, set()
+            payloads = {f"{self._instance}\n{p}" for p in paths}
+            payloads = {p if len(p.encode()) < _MAX_PAYLOAD else f"{self._instance}\n*" for p in payloads}
+            try:
+                await self.pool.execute(pq.NOTIFY, CHANNEL, sorted(payloads), timeout=self.acquire_timeout)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
+                log.debug("wake-up notification not sent (waiters re-poll): %s", e)
+            await asyncio.sleep(NOTIFY_INTERVAL)
+
+    def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        sender = payload.partition("\n")[0]
+        if sender != self._instance and self.on_remote_change is not None:
+            self.on_remote_change()
+
+    async def _connect_listener(self) -> tuple[asyncpg.Connection, asyncio.Event]:
+        conn = await asyncpg.connect(self._url, server_settings={"application_name": "taskorch-listen"}, timeout=10)
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _c: lost.set())
+        try:
+            await conn.add_listener(CHANNEL, self._on_notification)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn, lost
+
+    async def _listen(self, conn: asyncpg.Connection | None, lost: asyncio.Event) -> None:
+        """Keep the LISTEN connection alive: a keepalive query every KEEPALIVE seconds, and a
+        reconnect with backoff when it is lost, then a wake-up (we may have missed changes)."""
+        delay = 0.1
+        try:
+            while True:
+                try:
+                    if conn is None:
+                        conn, lost = await self._connect_listener()
+                        log.info("LISTEN connection to %s restored", self.location)
+                        delay = 0.1
+                        if self.on_remote_change is not None:
+                            self.on_remote_change()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), KEEPALIVE)
+                    if lost.is_set():
+                        raise ConnectionError("the LISTEN connection was closed")
+                    await conn.execute("SELECT 1", timeout=KEEPALIVE)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
+                    log.warning("LISTEN connection to %s lost (%s); reconnecting in %.1f s", self.location, e, delay)
+                    if conn is not None:
+                        conn.terminate()
+                        conn = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            if conn is not None:
+                conn.terminate()
+
+
+async def _fetchrow(conn: asyncpg.Connection, sql: str, args: tuple) -> asyncpg.Record | None:
+    return await conn.fetchrow(sql, *args)
+
+
+async def _fetch(conn: asyncpg.Connection, sql: str, args: tuple) -> list[asyncpg.Record]:
+    return await conn.fetch(sql, *args)
+
+
+async def _fetchval(conn: asyncpg.Connection, sql: str, args: tuple) -> Any:
+    return await conn.fetchval(sql, *args)
