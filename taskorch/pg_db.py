@@ -119,6 +119,7 @@ class PgDatabase:
         self.on_remote_change: Callable[[], None] | None = None
         self._instance = uuid.uuid4().hex[:16]  # tells our own notifications from other servers'
         self._pending: set[str] = set()
+        self._sending = False
         self._notifier: asyncio.Task | None = None
         self._listener: asyncio.Task | None = None
 
@@ -172,10 +173,13 @@ class PgDatabase:
         return time.time_ns() // 1000 + self.clock_offset_us
 
     async def close(self) -> None:
-        if self._notifier is not None and not self._notifier.done():
-            # Changes made just before closing (a `taskorch tasks add`) still wake other servers.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._notifier), 2)
+        # Changes made just before closing (a `taskorch tasks add`) still wake other servers;
+        # then the notifier's rate-limit pause need not run out.
+        deadline = time.monotonic() + 2
+        while self._notifier is not None and not self._notifier.done() and (self._pending or self._sending):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.005)
         for task in (self._notifier, self._listener):
             if task is not None:
                 task.cancel()
@@ -233,10 +237,13 @@ class PgDatabase:
             paths, self._pending = self._pending, set()
             payloads = {f"{self._instance}\n{p}" for p in paths}
             payloads = {p if len(p.encode()) < _MAX_PAYLOAD else f"{self._instance}\n*" for p in payloads}
+            self._sending = True
             try:
                 await self.pool.execute(pq.NOTIFY, CHANNEL, sorted(payloads), timeout=self.acquire_timeout)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
                 log.debug("wake-up notification not sent (waiters re-poll): %s", e)
+            finally:
+                self._sending = False
             await asyncio.sleep(NOTIFY_INTERVAL)
 
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
