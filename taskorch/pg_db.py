@@ -122,6 +122,7 @@ class PgDatabase:
         self._sending = False
         self._notifier: asyncio.Task | None = None
         self._listener: asyncio.Task | None = None
+        self._listen_conn: asyncpg.Connection | None = None
 
     @classmethod
     async def open(cls, url: str, cfg: PostgresConfig, *, durability: str, migrations: Path) -> PgDatabase:
@@ -143,8 +144,8 @@ class PgDatabase:
                 # The database's clock relative to ours, measured once: store.clock() is only
                 # used where a round trip's error does not matter (retention cut-offs).
                 db.clock_offset_us = db_now - (before + time.time_ns()) // 2000
-            listen = await db._connect_listener()
-            db._listener = asyncio.get_running_loop().create_task(db._listen(*listen))
+            lost = await db._connect_listener()
+            db._listener = asyncio.get_running_loop().create_task(db._listen(lost))
         except BaseException as e:
             await db.close()
             if isinstance(e, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError):
@@ -185,6 +186,9 @@ class PgDatabase:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._notifier = self._listener = None
+        if self._listen_conn is not None:  # also when the listener task never got to run
+            self._listen_conn.terminate()
+            self._listen_conn = None
         if self.pool is not None:
             pool, self.pool = self.pool, None
             try:
@@ -251,7 +255,8 @@ class PgDatabase:
         if sender != self._instance and self.on_remote_change is not None:
             self.on_remote_change()
 
-    async def _connect_listener(self) -> tuple[asyncpg.Connection, asyncio.Event]:
+    async def _connect_listener(self) -> asyncio.Event:
+        """Open the LISTEN connection (self._listen_conn); the event is set when it is lost."""
         conn = await asyncpg.connect(self._url, server_settings={"application_name": "taskorch-listen"}, timeout=10)
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
@@ -260,36 +265,34 @@ class PgDatabase:
         except BaseException:
             conn.terminate()
             raise
-        return conn, lost
+        self._listen_conn = conn
+        return lost
 
-    async def _listen(self, conn: asyncpg.Connection | None, lost: asyncio.Event) -> None:
+    async def _listen(self, lost: asyncio.Event | None) -> None:
         """Keep the LISTEN connection alive: a keepalive query every KEEPALIVE seconds, and a
         reconnect with backoff when it is lost, then a wake-up (we may have missed changes)."""
         delay = 0.1
-        try:
-            while True:
-                try:
-                    if conn is None:
-                        conn, lost = await self._connect_listener()
-                        log.info("LISTEN connection to %s restored", self.location)
-                        delay = 0.1
-                        if self.on_remote_change is not None:
-                            self.on_remote_change()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), KEEPALIVE)
-                    if lost.is_set():
-                        raise ConnectionError("the LISTEN connection was closed")
-                    await conn.execute("SELECT 1", timeout=KEEPALIVE)
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
-                    log.warning("LISTEN connection to %s lost (%s); reconnecting in %.1f s", self.location, e, delay)
-                    if conn is not None:
-                        conn.terminate()
-                        conn = None
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-        finally:
-            if conn is not None:
-                conn.terminate()
+        while True:
+            try:
+                if lost is None:
+                    lost = await self._connect_listener()
+                    log.info("LISTEN connection to %s restored", self.location)
+                    delay = 0.1
+                    if self.on_remote_change is not None:
+                        self.on_remote_change()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), KEEPALIVE)
+                if lost.is_set() or self._listen_conn is None:
+                    raise ConnectionError("the LISTEN connection was closed")
+                await self._listen_conn.execute("SELECT 1", timeout=KEEPALIVE)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
+                log.warning("LISTEN connection to %s lost (%s); reconnecting in %.1f s", self.location, e, delay)
+                if self._listen_conn is not None:
+                    self._listen_conn.terminate()
+                    self._listen_conn = None
+                lost = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
 
 async def _fetchrow(conn: asyncpg.Connection, sql: str, args: tuple) -> asyncpg.Record | None:

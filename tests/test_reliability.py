@@ -398,6 +398,30 @@ async def test_sixteen_coroutines_draining_500_tasks_complete_each_exactly_once(
         assert await services[0].store.integrity_check() == "ok"
 
 
+@pytest.mark.anyio
+async def test_sixteen_concurrent_creates_with_one_idempotency_key_make_one_task_and_one_event(db: str) -> None:
+    # Four services (on PostgreSQL four pools: the inserts really race) with four creators each.
+    async with contextlib.AsyncExitStack() as stack:
+        services = [await stack.enter_async_context(open_svc(db)) for _ in range(4)]
+        gate = anyio.Event()
+        made: list[Task] = []
+
+        async def creator(k: int) -> None:
+            await gate.wait()
+            made.append(await services[k % 4].create_task(work_path="/idem", prompt=f"try {k}", idempotency_key="once"))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for k in range(16):
+                    tg.start_soon(creator, k)
+                await anyio.wait_all_tasks_blocked()
+                gate.set()
+        assert len(made) == 16 and len({t.id for t in made}) == 1
+        assert len({snapshot(t)["prompt"] for t in made}) == 1  # every caller got the first task
+        assert (await services[0].list_tasks(work_path="/idem")).total == 1
+        assert [e.kind for e in await events_of(services[0], made[0].id)] == ["created"]
+
+
 # -- 3. fencing, deterministic ----------------------------------------------------------------------
 
 
