@@ -78,6 +78,11 @@ def _session_settings(cfg: PostgresConfig, durability: str) -> dict[str, str]:
         # A session idle inside a transaction holds a snapshot: every claim then walks dead index
         # entries it cannot clean (0.25x at 2,500 per work_path). The server ends such sessions.
         "idle_in_transaction_session_timeout": str(cfg.idle_in_transaction_timeout_ms),
+        # Plan each prepared statement once. Left to choose, PostgreSQL re-plans the claim on
+        # every call (its custom plans look cheaper than the generic one), and planning the claim
+        # costs more than running it: measured 2x on claim + complete. No statement here needs a
+        # plan that depends on its parameter values.
+        "plan_cache_mode": "force_generic_plan",
     }
 
 
@@ -205,8 +210,11 @@ class PgDatabase:
         pool = self.pool
         if pool is None:
             raise InternalError("the database is closed")
-        timeout = self.acquire_timeout if acquire_timeout is None else acquire_timeout
+        limit = self.acquire_timeout if acquire_timeout is None else acquire_timeout
         for attempt in range(_CONFLICT_RETRIES + 1):
+            # A time-out makes asyncpg wrap the acquire in a task of its own (~30 µs); with a
+            # connection idle, the acquire cannot wait, so it needs none.
+            timeout = None if pool.get_idle_size() else limit
             try:
                 async with pool.acquire(timeout=timeout) as conn:
                     return await fn(conn, *args)
