@@ -215,7 +215,7 @@ class PostgresStore:
         return CleanupResult(deleted=deleted, remaining=total)
 
     async def integrity_check(self) -> str:
-        """"ok", or the invariants that some rows break (as SQLite's PRAGMA integrity_check)."""
+        """ "ok", or the invariants that some rows break (as SQLite's PRAGMA integrity_check)."""
         row = await self.db.fetchrow(pq.INTEGRITY)
         assert row is not None
         broken = [f"{n} {what}" for what, n in row.items() if n]

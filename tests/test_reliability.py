@@ -366,9 +366,7 @@ async def test_fifty_concurrent_claims_of_one_task_have_exactly_one_winner(db: s
     ids=["sqlite-inline", "sqlite-threaded", "postgres"],
     indirect=["db"],
 )
-async def test_sixteen_coroutines_draining_500_tasks_complete_each_exactly_once(
-    db: str, inline_writes: bool
-) -> None:
+async def test_sixteen_coroutines_draining_500_tasks_complete_each_exactly_once(db: str, inline_writes: bool) -> None:
     cfg = make_config(store={"inline_writes": inline_writes})
     async with contextlib.AsyncExitStack() as stack:
         services = [await stack.enter_async_context(open_svc(db, config=cfg)) for _ in range(4)]
@@ -532,9 +530,7 @@ async def test_stale_token_cannot_report_success_after_its_failure_was_retried_a
 
 
 @pytest.mark.anyio
-async def test_expired_lease_cannot_complete_even_before_anyone_reclaims_the_task(
-    db: str, clock: FakeClock
-) -> None:
+async def test_expired_lease_cannot_complete_even_before_anyone_reclaims_the_task(db: str, clock: FakeClock) -> None:
     async with open_svc(db, clock=clock) as svc:
         task = await svc.create_task(work_path="/fence", prompt="p")
         a = await svc.next_task(work_path="/fence", worker_id="A", lease_seconds=5)
@@ -611,9 +607,7 @@ FENCE_SPEED = 3.0  # a 1 s lease lasts 1/3 s of real time
 
 
 @pytest.mark.anyio
-async def test_paused_and_slow_worker_processes_never_get_a_second_completion_accepted(
-    db: str, tmp_path: Path
-) -> None:
+async def test_paused_and_slow_worker_processes_never_get_a_second_completion_accepted(db: str, tmp_path: Path) -> None:
     n_tasks, n_workers = 200, 4
     rng = random.Random(20260101)
     origin = time.time_ns() // 1000
@@ -757,9 +751,7 @@ async def test_task_of_killed_worker_is_requeued_by_the_sweep_and_reclaimed(db: 
 
 
 @pytest.mark.anyio
-async def test_task_of_killed_worker_is_reclaimed_by_the_next_claim_without_a_sweep(
-    db: str, tmp_path: Path
-) -> None:
+async def test_task_of_killed_worker_is_reclaimed_by_the_next_claim_without_a_sweep(db: str, tmp_path: Path) -> None:
     cfg = make_config()
     async with open_svc(db, config=cfg) as svc:
         task = await svc.create_task(work_path="/kill", prompt="p", max_attempts=3)

@@ -895,9 +895,7 @@ async def test_statistics_count_tasks_by_status_priority_and_work_path(db, clock
         assert other.oldest_waiting_age_seconds == 97.0
 
 
-async def test_statistics_report_ages_throughput_success_rate_workers_recoveries_retries_and_percentiles(
-    db, clock
-):
+async def test_statistics_report_ages_throughput_success_rate_workers_recoveries_retries_and_percentiles(db, clock):
     async with service(db, clock) as svc:
         await _statistics_scenario(svc, clock)
         stats = await svc.statistics()

@@ -52,7 +52,10 @@ def test_both_dialects_create_the_same_tables_and_columns() -> None:
     [
         ("postgresql://u:s3cret@db.example:5433/queue", "postgresql://u:***@db.example:5433/queue"),
         ("postgres://u@db/queue", "postgres://u@db/queue"),
-        ("postgresql://db/queue?password=s3cret&sslmode=require", "postgresql://db/queue?password=%2A%2A%2A&sslmode=require"),
+        (
+            "postgresql://db/queue?password=s3cret&sslmode=require",
+            "postgresql://db/queue?password=%2A%2A%2A&sslmode=require",
+        ),
         ("postgresql://u:p%40ss@h/d", "postgresql://u:***@h/d"),
     ],
 )
