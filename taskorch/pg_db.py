@@ -123,6 +123,7 @@ class PgDatabase:
         self.clock_offset_us = 0
         self.on_remote_change: Callable[[], None] | None = None
         self._instance = uuid.uuid4().hex[:16]  # tells our own notifications from other servers'
+        self._in_use = 0  # operations holding or waiting for a pooled connection
         self._pending: set[str] = set()
         self._sending = False
         self._notifier: asyncio.Task | None = None
@@ -212,9 +213,10 @@ class PgDatabase:
             raise InternalError("the database is closed")
         limit = self.acquire_timeout if acquire_timeout is None else acquire_timeout
         for attempt in range(_CONFLICT_RETRIES + 1):
-            # A time-out makes asyncpg wrap the acquire in a task of its own (~30 µs); with a
-            # connection idle, the acquire cannot wait, so it needs none.
-            timeout = None if pool.get_idle_size() else limit
+            # A time-out makes asyncpg wrap the acquire in a task of its own (~30 µs); while a
+            # connection is free the acquire cannot wait (a new one has its connect time-out).
+            timeout = None if self._in_use < self.cfg.pool_max else limit
+            self._in_use += 1
             try:
                 async with pool.acquire(timeout=timeout) as conn:
                     return await fn(conn, *args)
@@ -225,6 +227,8 @@ class PgDatabase:
                 raise translate(e, self.location) from None
             except (OSError, TimeoutError, asyncpg.InterfaceError) as e:
                 raise translate(e, self.location) from None
+            finally:
+                self._in_use -= 1
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
@@ -251,8 +255,8 @@ class PgDatabase:
             payloads = {p if len(p.encode()) < _MAX_PAYLOAD else f"{self._instance}\n*" for p in payloads}
             self._sending = True
             try:
-                await self.pool.execute(pq.NOTIFY, CHANNEL, sorted(payloads), timeout=self.acquire_timeout)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
+                await self.run(_execute, pq.NOTIFY, (CHANNEL, sorted(payloads)))
+            except TaskorchError as e:
                 log.debug("wake-up notification not sent (waiters re-poll): %s", e)
             finally:
                 self._sending = False
@@ -313,3 +317,7 @@ async def _fetch(conn: asyncpg.Connection, sql: str, args: tuple) -> list[asyncp
 
 async def _fetchval(conn: asyncpg.Connection, sql: str, args: tuple) -> Any:
     return await conn.fetchval(sql, *args)
+
+
+async def _execute(conn: asyncpg.Connection, sql: str, args: tuple) -> str:
+    return await conn.execute(sql, *args)

@@ -128,10 +128,11 @@ claimed AS (
 claimed_event AS (
     INSERT INTO task_events ({_EVENT_COLUMNS})
     SELECT id, 'claimed', 'waiting', 'working', worker_id, version, {NOW}, NULL FROM claimed)
-SELECT (SELECT count(*) FROM swept) AS recovered,
-       (SELECT array_agg(DISTINCT work_path) FROM swept WHERE status = 'waiting') AS swept_paths,
-       claimed.*
-FROM (SELECT 1) AS one LEFT JOIN claimed ON true
+SELECT s.recovered, s.swept_paths, claimed.*
+FROM (SELECT count(*) AS recovered,
+             array_agg(DISTINCT work_path) FILTER (WHERE status = 'waiting') AS swept_paths
+      FROM swept) AS s
+LEFT JOIN claimed ON true
 """
 CLAIM_NEXT = _CLAIM.format(where_path="t.work_path = $7")
 CLAIM_NEXT_IN_SUBTREE = _CLAIM.format(where_path="(t.work_path = $7 OR (t.work_path >= $8 AND t.work_path < $9))")

@@ -119,9 +119,6 @@ class _FakePool:
     def __init__(self) -> None:
         self.acquired = 0
 
-    def get_idle_size(self) -> int:
-        return 1
-
     def acquire(self, timeout: float | None = None) -> _FakePool:
         self.acquired += 1
         return self
