@@ -93,6 +93,7 @@ async def _migrate(conn: asyncpg.Connection, scripts: list[tuple[str, str]]) -> 
         # starting together wait for each other and every migration runs once. DDL is
         # transactional here, so a failing file leaves nothing half-applied.
         async with conn.transaction():
+            await conn.execute(pq.MIGRATION_SETTINGS)
             await conn.execute(pq.MIGRATION_LOCK)
             await conn.execute(pq.CREATE_MIGRATIONS_TABLE)
             if await conn.fetchval(pq.SELECT_MIGRATION, name) is None:

@@ -354,6 +354,9 @@ NOTIFY = "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, p)
 # Migrations run one file per transaction under this advisory lock: servers starting together
 # apply each migration once. The key is "taskorch" in ASCII.
 MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(8386110886409036648)"
+# A migration may rewrite a big table, and servers starting meanwhile wait for it: neither is
+# bounded by the time-outs meant for queue operations.
+MIGRATION_SETTINGS = "SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0"
 CREATE_MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (name text COLLATE "C" PRIMARY KEY, applied_at bigint NOT NULL)
 """
