@@ -25,11 +25,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 
 from . import pg_queries as pq
-from .config import PostgresConfig
+from .config import ConfigError, PostgresConfig
 from .errors import InternalError, StoreBusy, TaskorchError
 from .stores import redacted_url
 
@@ -61,6 +62,15 @@ def translate(exc: BaseException, location: str) -> TaskorchError:
         return StoreBusy(f"the database {location} is unavailable or all connections are busy; retry shortly")
     log.error("postgresql error %s at %s: %s", code or type(exc).__name__, location, exc)
     return InternalError("the database reported an error; see the server log")
+
+
+def _bad_url(url: str, exc: ValueError) -> ConfigError:
+    reason = str(exc)
+    with contextlib.suppress(ValueError):
+        password = urlsplit(url).password
+        if password:
+            reason = reason.replace(password, "***")
+    return ConfigError(f"store.path: {redacted_url(url)} is not a usable PostgreSQL URL ({reason})")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -155,6 +165,8 @@ class PgDatabase:
             db._listener = asyncio.get_running_loop().create_task(db._listen(lost))
         except BaseException as e:
             await db.close()
+            if isinstance(e, ValueError):  # the URL itself (asyncpg's ClientConfigurationError too)
+                raise _bad_url(url, e) from None
             if isinstance(e, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError):
                 raise translate(e, db.location) from None
             raise
@@ -167,6 +179,8 @@ class PgDatabase:
         scripts = _read_scripts(migrations)
         try:
             conn = await asyncpg.connect(url, server_settings=_session_settings(cfg, "full"), timeout=30)
+        except ValueError as e:
+            raise _bad_url(url, e) from None
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
             raise translate(e, location) from None
         try:

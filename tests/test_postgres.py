@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 import taskorch
-from taskorch.config import Config, load_config
+from taskorch.config import Config, ConfigError, load_config
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -213,6 +213,14 @@ async def test_an_unreachable_database_is_store_busy_and_never_shows_the_passwor
             pass
     assert "postgres:***@127.0.0.1" in str(info.value)
     assert "s3cret" not in str(info.value) + caplog.text
+
+
+@pytest.mark.parametrize("bad", ["postgresql://u:s3cret@h:notaport/db", "postgresql://u:s3cret@h/db?sslmode=wat"])
+async def test_a_malformed_url_is_a_configuration_error_without_the_password(bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        async with server(bad):
+            pass
+    assert "u:***@h" in str(info.value) and "s3cret" not in str(info.value)
 
 
 async def test_the_store_location_for_logs_and_health_has_no_password(pg_db) -> None:
