@@ -143,7 +143,12 @@ LOCK_WORK_PATH = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7208))"
 
 # -- the worker's calls, fenced by id + version (the lease token) + worker + a live lease ----------
 
-_FENCE = f"id = $2 AND version = $3 AND worker_id = $4 AND status = 'working' AND lease_expires_at > {NOW}"
+# "status = 'working'" written as NOT IN the other four (the CHECK constraint allows no fifth): the
+# plain form implies tasks_leases' predicate, and when statistics saw few working tasks the planner
+# then scanned that index (every live lease, and the dead entries of recent completions) instead of
+# looking the id up in the primary key, at a cost growing with the queue. Measured: 1.3x per cycle.
+_FENCE = f"""id = $2 AND version = $3 AND worker_id = $4 AND lease_expires_at > {NOW}
+      AND status NOT IN ('waiting', 'completed', 'failed', 'cancelled')"""
 
 # $5 success, $6 retryable, $7 backoff base µs, $8 backoff cap µs, $9 result JSON, $10 error JSON.
 # A failure with attempts left goes back to waiting after exponential backoff (numeric: no
