@@ -228,13 +228,18 @@ class PgDatabase:
             raise InternalError("the database is closed")
         limit = self.acquire_timeout if acquire_timeout is None else acquire_timeout
         for attempt in range(_CONFLICT_RETRIES + 1):
-            # A time-out makes asyncpg wrap the acquire in a task of its own (~30 µs); while a
-            # connection is free the acquire cannot wait (a new one has its connect time-out).
-            timeout = None if self._in_use < self.cfg.pool_max else limit
+            # While a connection is free the acquire cannot wait (a new one has its connect
+            # time-out), so it needs no time-out; otherwise asyncio.timeout, not asyncpg's own
+            # time-out, which wraps every acquire in a task of its own (~30 µs).
+            waits = self._in_use >= self.cfg.pool_max
             self._in_use += 1
             try:
-                async with pool.acquire(timeout=timeout) as conn:
+                async with asyncio.timeout(limit if waits else None):
+                    conn = await pool.acquire()
+                try:
                     return await fn(conn, *args)
+                finally:
+                    await pool.release(conn)
             except asyncpg.PostgresError as e:
                 if e.sqlstate in _RETRY and attempt < _CONFLICT_RETRIES:
                     await asyncio.sleep(random.uniform(0.002, 0.01) * 2**attempt)

@@ -119,14 +119,11 @@ class _FakePool:
     def __init__(self) -> None:
         self.acquired = 0
 
-    def acquire(self, timeout: float | None = None) -> _FakePool:
+    async def acquire(self) -> _FakeConn:
         self.acquired += 1
-        return self
-
-    async def __aenter__(self) -> _FakeConn:
         return _FakeConn()
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def release(self, conn: _FakeConn) -> None:
         return None
 
 
