@@ -2,8 +2,10 @@
 
 Each operation is one statement (one round trip, READ COMMITTED, autocommit) whose CTEs write
 the event rows; a fenced write that changes nothing is followed by one read that tells
-LEASE_LOST, NOT_FOUND and INVALID_STATE apart. Only create_tasks (a batch: all or nothing) and a
-claim under a max_working cap run an explicit transaction.
+LEASE_LOST, NOT_FOUND and INVALID_STATE apart. A claim that recovered expired leases but found
+nothing else claimable runs once more (what it recovered is visible from the next statement on).
+Only create_tasks (a batch: all or nothing) and a claim under a max_working cap run an explicit
+transaction.
 
 Time: with an injected clock (tests) every statement gets its value; without one, statements
 use the database's clock, so every server agrees on lease expiry. `clock()` then estimates the
@@ -98,7 +100,7 @@ class PostgresStore:
 
     async def claim(self, f: ClaimFilter, busy_timeout_ms: int | None = None) -> tuple[Task, Lease] | None:
         tags = list(f.tags) or None
-        args: tuple = (None, LEASE_EXPIRED_ERROR, f.worker_id, f.lease_us, tags, f.max_working, f.work_path)
+        args: tuple = (self._now(), LEASE_EXPIRED_ERROR, f.worker_id, f.lease_us, tags, f.max_working, f.work_path)
         sql = pq.CLAIM_NEXT
         if f.include_subpaths:
             prefix = f.work_path if f.work_path.endswith("/") else f.work_path + "/"
@@ -107,7 +109,7 @@ class PostgresStore:
         timeout = None if busy_timeout_ms is None else busy_timeout_ms / 1000
         recovered = 0
         for _ in range(2):
-            row = await self.db.run(_claim, sql, (self._now(), *args[1:]), f.max_working > 0, acquire_timeout=timeout)
+            row = await self.db.run(_claim, sql, args, f.max_working > 0, acquire_timeout=timeout)
             recovered += row["recovered"]
             if row["swept_paths"]:
                 self.db.notify(row["swept_paths"])
