@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import Conflict, InvalidState, LeaseLost, NotFound, ValidationError
 from .models import RANK_PRIORITY, CleanupResult, Lease, Status, Task, TaskEvent, construct, us_to_datetime
@@ -89,6 +89,7 @@ class Completion:
     backoff_max_us: int
 
 
+@runtime_checkable
 class Store(Protocol):
     """The store interface. Every method is one atomic operation; errors are TaskorchErrors.
 

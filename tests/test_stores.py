@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import taskorch
+import taskorch.store_api
 from taskorch import errors
 from taskorch.config import Config, ConfigError, load_config
 from taskorch.resources import migrations_dir
@@ -20,6 +21,15 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+async def test_both_stores_implement_the_store_interface(db: str) -> None:
+    from taskorch.store_api import Store
+
+    async with taskorch.open_service(db, config=load_config(environ={}), sweep=False) as svc:
+        assert isinstance(svc.store, Store)
+        assert svc.store.on_remote_change is not None  # the service listens for other servers
+        assert abs(svc.store.clock() - taskorch.store_api.system_clock()) < 5_000_000
 
 
 def test_both_dialects_have_the_same_migrations_by_number_and_name() -> None:
