@@ -37,6 +37,10 @@ Float = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]  # stric
 Names = tuple[Annotated[str, Field(min_length=1)], ...]
 
 
+# libyaml's loader when PyYAML was built with it: parsing default.yaml is on every start-up path.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class ConfigError(ValueError):
     """Invalid configuration; the message has one line per problem, each naming the key and source."""
 
@@ -243,7 +247,7 @@ def _plain(value: Any, drop_none: bool = False) -> Any:
 
 def _read_yaml(path: Path, why: str) -> Mapping:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path} [{why}]") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
