@@ -1,6 +1,8 @@
 """Throughput of the taskorch service against raw sqlite3 on the same schema and durability.
 
     python benchmarks/store_bench.py [--n 2000] [--rounds 3] [--quick] [--json out.json] [--profile]
+    python benchmarks/store_bench.py --db postgresql://user@host/db   # PostgreSQL: store_bench_pg.py
+    python benchmarks/store_bench.py --pg                             # the same on a throwaway cluster
 
 Workload: N tasks over 4 work_paths, priorities uniform, ~200-byte prompts. Phase 1 creates them all
 (create/s); phase 2 drains them with claim + complete (cycles/s), each operation its own transaction.
@@ -48,7 +50,7 @@ import taskorch
 from taskorch import queries as q
 from taskorch.config import load_config
 from taskorch.db import _split_statements
-from taskorch.resources import resource_dir
+from taskorch.resources import migrations_dir
 from taskorch.store import new_task_id, system_clock
 
 WORK_PATHS = [f"/srv/bench/project-{i}" for i in range(4)]
@@ -142,7 +144,7 @@ class RawEquivalent:
 
     def __init__(self, db: str, durability: str) -> None:
         self.conn = c = connect(db, durability)
-        for path in sorted(resource_dir("migrations").glob("[0-9]*.sql")):
+        for path in sorted(migrations_dir("sqlite").glob("[0-9]*.sql")):
             c.execute("BEGIN IMMEDIATE")
             for statement in _split_statements(path.read_text(encoding="utf-8")):
                 c.execute(statement)
@@ -337,8 +339,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="n=400, 1 round: a smoke run")
     ap.add_argument("--json", metavar="PATH", help="write every per-round figure here")
     ap.add_argument("--profile", action="store_true", help="then profile the sequential taskorch case")
+    ap.add_argument("--db", metavar="URL", help="PostgreSQL server: run the PostgreSQL comparison there instead")
+    ap.add_argument("--pg", action="store_true", help="the PostgreSQL comparison on a throwaway local cluster")
+    ap.add_argument("--pool-max", type=int, default=8, help="PostgreSQL: connections per pool (store.postgres)")
     args = ap.parse_args()
     n, rounds = (400, 1) if args.quick else (args.n, args.rounds)
+    if args.db or args.pg:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import store_bench_pg
+
+        return store_bench_pg.main(args.db, n, rounds, args.pool_max, args.json)
     sizes = {"normal": n, "full": max(16, n // 4)}
     cases = [(kind, d) for d in ("normal", "full") for kind in KINDS]
     started = time.perf_counter()

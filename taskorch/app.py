@@ -200,7 +200,7 @@ def create_app(config: Config, service: TaskService | None = None, *, metrics: M
             stack.callback(setattr, ref, "service", service)
             # Runs the Streamable HTTP sessions; exits (ending them) before the database closes.
             await stack.enter_async_context(mcp.session_manager.run())
-            log.info("taskorch %s serving http; database %s", __version__, ref.get().store.db.path)
+            log.info("taskorch %s serving http; database %s", __version__, ref.get().store.location)
             yield
 
     return Starlette(
@@ -261,7 +261,7 @@ async def _health(service: TaskService, snapshot: _QueueSnapshot, started: float
     stats: Statistics | None = None
     begin = time.perf_counter()
     try:
-        await service.store.db.ping()  # SELECT 1 through the store's connection
+        await service.store.ping()  # a round trip through the store's connection
         latency_ms = round((time.perf_counter() - begin) * 1e3, 3)
         stats = await snapshot.get(max_age=HEALTH_MAX_AGE)
         healthy, problem = True, None

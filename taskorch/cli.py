@@ -202,26 +202,16 @@ def _service_command(fn: Callable[..., Any], render: Callable[[Any], str]) -> Ca
 
 
 def _migrate(cfg: Config, a: argparse.Namespace) -> int:
-    from .db import Database
-    from .resources import resource_dir
+    from .stores import is_postgres_url, migrate_store, redacted_url
 
-    path = cfg.db_path()
-
-    async def go() -> list[str]:
-        db = await Database.open(
-            path, durability=cfg.store.durability, busy_timeout_ms=cfg.store.busy_timeout_ms, inline_writes=False
-        )
-        try:
-            return await db.migrate(resource_dir("migrations"))
-        finally:
-            await db.close()
-
-    applied = anyio.run(go)
+    location = cfg.db_location()
+    shown = redacted_url(location) if is_postgres_url(location) else str(location)  # type: ignore[arg-type]
+    applied = anyio.run(migrate_store, location, cfg)
     if a.json:
-        print(_dump({"db_path": str(path), "applied": applied}))
+        print(_dump({"db_path": shown, "applied": applied}))
     else:
         print("\n".join(f"applied {name}" for name in applied) if applied else "database is up to date")
-        print(f"database: {path}")
+        print(f"database: {shown}")
     return 0
 
 
@@ -245,9 +235,11 @@ def _global_options() -> argparse.ArgumentParser:
     # SUPPRESS: an option given before the subcommand is not reset by the subcommand's default.
     p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     g = p.add_argument_group("global options")
-    g.add_argument("--db", metavar="PATH", help="database file (default: store.path or the user data dir)")
+    g.add_argument(
+        "--db", metavar="PATH|URL", help="SQLite file or postgresql:// URL (default: store.path or the user data dir)"
+    )
     g.add_argument("--config", metavar="FILE", help="YAML configuration file (also TASKORCH_CONFIG)")
-    g.add_argument("--durability", choices=("full", "normal"), help="SQLite durability (store.durability)")
+    g.add_argument("--durability", choices=("full", "normal"), help="store.durability: full or normal")
     g.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     g.add_argument("--log-format", choices=("text", "json"), help="log format on stderr")
     g.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -405,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     undo_logging = _setup_logging(cfg)
     try:
         return args.run(cfg, args)
+    except ConfigError as e:  # found only when the store opens (e.g. a PostgreSQL URL without asyncpg)
+        print("taskorch: configuration error: " + str(e).replace("\n", "\n  "), file=sys.stderr)
+        return 2
     except TaskorchError as e:
         print(f"taskorch: {e.code}: {e.message}", file=sys.stderr)
         if args.json and args.command != "serve":  # stdout is the MCP protocol in stdio mode

@@ -22,10 +22,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from taskorch.resources import resource_dir
 
-__all__ = ["Config", "ConfigError", "default_db_path", "load_config"]
+__all__ = ["Config", "ConfigError", "default_db_path", "is_postgres_url", "load_config"]
 
 # Ints and bools are strict so YAML like `port: "80"`, `lease_seconds: 2.5` or `max_attempts: true`
 # is an error, not a silent coercion; environment strings are converted before validation.
@@ -48,11 +49,43 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Millis = Annotated[NonNeg, Field(le=2**31 - 1)]  # SQLite and PostgreSQL take 32-bit ints
+
+
+class PostgresConfig(_Section):
+    pool_min: NonNeg = 2
+    pool_max: Positive = 8
+    statement_timeout_ms: Millis = 30000
+    lock_timeout_ms: Millis = 5000
+    idle_in_transaction_timeout_ms: Millis = 60000
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> PostgresConfig:
+        if self.pool_min > self.pool_max:
+            raise ValueError(f"pool_min ({self.pool_min}) must be <= pool_max ({self.pool_max})")
+        return self
+
+
+def is_postgres_url(location: object) -> bool:
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
 class StoreConfig(_Section):
-    path: Path | None = None
+    # A file path (SQLite) or a postgresql:// URL, which must stay a str: Path() would fold its "//".
+    path: Path | str | None = None
     durability: Literal["full", "normal"] = "full"
-    busy_timeout_ms: Annotated[NonNeg, Field(le=2**31 - 1)] = 5000  # SQLite takes a 32-bit int
+    busy_timeout_ms: Millis = 5000
     inline_writes: Bool = True
+    postgres: PostgresConfig = Field(default_factory=PostgresConfig)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _file_or_url(cls, v: Any) -> Any:
+        if v is None or isinstance(v, Path) or is_postgres_url(v):
+            return v
+        if isinstance(v, str):
+            return Path(v)
+        raise PydanticCustomError("path_type", "must be a path")
 
 
 class TasksConfig(_Section):
@@ -138,7 +171,14 @@ class Config(_Section):
 
     def db_path(self) -> Path:
         """The database file: store.path (with ~ expanded) or the per-user default."""
-        return self.store.path.expanduser() if self.store.path is not None else default_db_path()
+        if is_postgres_url(self.store.path):
+            raise ValueError("store.path is a PostgreSQL URL, not a file; use db_location()")
+        path = self.store.path
+        return path.expanduser() if isinstance(path, Path) else default_db_path()
+
+    def db_location(self) -> Path | str:
+        """The database: a file path (SQLite) or a postgresql:// URL (PostgreSQL)."""
+        return self.store.path if is_postgres_url(self.store.path) else self.db_path()  # type: ignore[return-value]
 
 
 def default_db_path() -> Path:

@@ -413,7 +413,7 @@ def serve(
 
     async def run() -> None:
         async with open_service(config=config) as service:
-            log.info("taskorch %s serving MCP over stdio; database %s", __version__, service.store.db.path)
+            log.info("taskorch %s serving MCP over stdio; database %s", __version__, service.store.location)
             await build_mcp(service).run_stdio_async()
 
     anyio.run(run)

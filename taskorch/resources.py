@@ -27,3 +27,8 @@ def resource_dir(name: str) -> Path:
         f"taskorch resource directory {name!r} not found: looked in {packaged} and {checkout} "
         "(is the package installed correctly?)"
     )
+
+
+def migrations_dir(dialect: str) -> Path:
+    """The migrations of one store dialect ("sqlite" or "postgres"): same numbers and names in each."""
+    return resource_dir("migrations") / dialect

@@ -19,9 +19,9 @@ import contextlib
 import inspect
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -44,8 +44,8 @@ from .models import (
     WorkPathStats,
     us_to_datetime,
 )
-from .resources import resource_dir
-from .store import ClaimFilter, Clock, Completion, NewTask, SqliteStore, system_clock
+from .store_api import ClaimFilter, Clock, Completion, NewTask, Store
+from .stores import open_store
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class ServiceObserver(Protocol):
 class _TimedStore:
     """The store, with every operation's duration reported to an observer."""
 
-    def __init__(self, store: SqliteStore, observer: ServiceObserver) -> None:
+    def __init__(self, store: Store, observer: ServiceObserver) -> None:
         self._store = store
         self._observer = observer
 
@@ -101,12 +101,14 @@ class _TimedStore:
 class TaskService:
     """The queue's rules. Build it with `open_service`; all methods are coroutines."""
 
-    def __init__(self, store: SqliteStore, config: Config, observer: ServiceObserver | None = None) -> None:
+    def __init__(self, store: Store, config: Config, observer: ServiceObserver | None = None) -> None:
         self.store = store if observer is None else _TimedStore(store, observer)
         self.config = config
         self._observer = observer
         if observer is not None:
             store.on_leases_recovered = lambda n: observer.task_event("lease_expired", n)
+        # Another server sharing the database (PostgreSQL) made something claimable.
+        store.on_remote_change = self._notify
         self._changed = anyio.Event()  # set (and replaced) when something may have become claimable
         self._waiting = 0  # long polls in progress
 
@@ -263,7 +265,8 @@ class TaskService:
     async def _wait_loop(self, f: ClaimFilter, deadline: float, wait: float) -> tuple[Task, Lease] | None:
         while True:
             changed = self._changed
-            # Our own creates wake us at once; other processes' are seen by polling.
+            # Our own creates wake us at once, other servers' through the store's notifications
+            # (PostgreSQL); polling covers the rest: SQLite processes, run_after, lease expiry.
             with anyio.move_on_after(min(self.config.tasks.poll_interval_seconds, wait)):
                 await changed.wait()
             remaining = deadline - anyio.current_time()
@@ -522,7 +525,7 @@ def _topological_order(deps: list[list[int]]) -> list[int]:
 
 @contextlib.asynccontextmanager
 async def open_service(
-    db_path: str | Path | None = None,
+    db_path: str | os.PathLike[str] | None = None,
     *,
     config: Config | None = None,
     durability: str | None = None,
@@ -532,21 +535,15 @@ async def open_service(
 ) -> AsyncIterator[TaskService]:
     """Open the database (creating and migrating it on first use) and yield the service.
 
-    `db_path` overrides the configured file; `durability` ("full" or "normal") the configured
-    durability. The background sweep of expired leases runs while the context is open.
+    `db_path` overrides the configured database: a SQLite file path or a postgresql:// URL;
+    `durability` ("full" or "normal") the configured durability. `clock` (tests) replaces the
+    store's time. The background sweep of expired leases runs while the context is open.
     `observer` (e.g. taskorch.metrics) is told of task transitions and store latencies.
     """
     cfg = config if config is not None else load_config()
-    path = Path(db_path).expanduser() if db_path is not None else cfg.db_path()  # noqa: ASYNC240 (no I/O: expands ~)
+    location = str(db_path) if db_path is not None else cfg.db_location()
     mode = v.choice("durability", durability, ("full", "normal"), default=cfg.store.durability)
-    store = await SqliteStore.open(
-        path,
-        durability=mode,
-        busy_timeout_ms=cfg.store.busy_timeout_ms,
-        inline_writes=cfg.store.inline_writes,
-        migrations_dir=resource_dir("migrations"),
-        clock=clock or system_clock,
-    )
+    store = await open_store(location, cfg, durability=mode, clock=clock)
     service = TaskService(store, cfg, observer)
     # A plain task, not a task group: a group would wrap every error raised by the caller's block
     # in an ExceptionGroup, and callers expect `except taskorch.NotFound` to work.

@@ -6,181 +6,43 @@ for tests), ids, transactions and the translation of "0 rows changed" into the r
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import queries as q
 from .db import Database, Row, Tx
-from .errors import Conflict, InvalidState, LeaseLost, NotFound, ValidationError
-from .models import (
-    RANK_PRIORITY,
-    CleanupResult,
-    Lease,
-    Status,
-    Task,
-    TaskEvent,
-    construct,
-    us_to_datetime,
+from .errors import NotFound
+from .models import CleanupResult, Lease, Task, TaskEvent
+from .store_api import (
+    LEASE_EXPIRED_ERROR,
+    ClaimFilter,
+    Clock,
+    Completion,
+    NewTask,
+    dumps,
+    edit_problem,
+    event_from_row,
+    lease_from_row,
+    lease_problem,
+    missing_dependency,
+    new_task_id,
+    system_clock,
+    task_from_row,
 )
 
-Clock = Callable[[], int]
+# Shared with the PostgreSQL store; re-exported for the callers that import them from here.
+__all__ = ["ClaimFilter", "Clock", "Completion", "NewTask", "SqliteStore", "new_task_id", "system_clock"]
+
 _US = 1_000_000
-
-
-def system_clock() -> int:
-    """Microseconds since the epoch, UTC."""
-    return time.time_ns() // 1000
-
-
-_B32 = "0123456789abcdefghjkmnpqrstvwxyz"
-
-
-class _IdState:
-    last = 0
-
-
-def new_task_id(now_us: int) -> str:
-    """17 characters: the millisecond, then 32 random bits, rising within this process.
-
-    Ids are the last tie-breaker of the claim order, so tasks created in the same instant (a
-    batch shares one) must be claimed in creation order: like a monotonic ULID, an id made in
-    the same millisecond as the previous one is the previous one plus one.
-    """
-    n = ((now_us // 1000) << 32) | int.from_bytes(os.urandom(4), "big")
-    if n <= _IdState.last:
-        n = _IdState.last + 1
-    _IdState.last = n
-    chars = []
-    for _ in range(16):
-        chars.append(_B32[n & 31])
-        n >>= 5
-    return "t" + "".join(reversed(chars))
-
-
-@dataclass(frozen=True, slots=True)
-class NewTask:
-    """A validated create request."""
-
-    work_path: str
-    title: str
-    prompt: str
-    priority: int
-    tags: tuple[str, ...]
-    metadata: dict[str, Any]
-    depends_on: tuple[str, ...]
-    max_attempts: int
-    idempotency_key: str | None
-    delay_us: int
-    timeout_seconds: int
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimFilter:
-    work_path: str
-    worker_id: str
-    lease_us: int
-    include_subpaths: bool = False
-    tags: tuple[str, ...] = ()
-    max_working: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    task_id: str
-    worker_id: str
-    token: int
-    success: bool
-    retryable: bool
-    result: dict[str, Any]
-    error: dict[str, Any] | None
-    backoff_base_us: int
-    backoff_max_us: int
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _json_list(text: str) -> list:
-    return [] if text == "[]" else json.loads(text)  # the common case, without the parser
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def task_from_row(row: Row) -> Task:
-    # Rows were validated on the way in; this path runs on every claim.
-    return construct(
-        Task,
-        dict(
-            id=row["id"],
-            work_path=row["work_path"],
-            title=row["title"],
-            prompt=row["prompt"],
-            priority=RANK_PRIORITY[row["priority"]],
-            tags=_json_list(row["tags"]),
-            metadata={} if row["metadata"] == "{}" else json.loads(row["metadata"]),
-            status=Status(row["status"]),
-            depends_on=_json_list(row["depends_on"]),
-            attempts=row["attempts"],
-            max_attempts=row["max_attempts"],
-            worker_id=row["worker_id"],
-            lease_expires_at=us_to_datetime(row["lease_expires_at"]),
-            version=row["version"],
-            run_after=us_to_datetime(row["run_after"]),
-            timeout_seconds=row["timeout_seconds"],
-            result=_loads(row["result"]),
-            error=_loads(row["error"]),
-            idempotency_key=row["idempotency_key"],
-            created_at=us_to_datetime(row["created_at"]),
-            updated_at=us_to_datetime(row["updated_at"]),
-            started_at=us_to_datetime(row["started_at"]),
-            completed_at=us_to_datetime(row["completed_at"]),
-        ),
-    )
-
-
-def lease_from_row(row: Row) -> Lease:
-    return construct(
-        Lease,
-        {
-            "token": row["version"],
-            "worker_id": row["worker_id"],
-            "expires_at": us_to_datetime(row["lease_expires_at"]),
-            "deadline_at": us_to_datetime(row["deadline_at"]),
-        },
-    )
-
-
-def event_from_row(row: Row) -> TaskEvent:
-    return TaskEvent.model_construct(
-        task_id=row["task_id"],
-        kind=row["kind"],
-        from_status=Status(row["from_status"]) if row["from_status"] else None,
-        to_status=Status(row["to_status"]),
-        worker_id=row["worker_id"],
-        version=row["version"],
-        at=us_to_datetime(row["at"]),
-        detail=_loads(row["detail"]),
-    )
-
-
-_LEASE_EXPIRED_ERROR = _dumps(
-    {"code": "LEASE_EXPIRED", "message": "the worker's lease or the attempt's timeout expired"}
-)
+_dumps = dumps
 
 
 def _recover_expired(tx: Tx, now: int) -> int:
     """Requeue (or fail, when out of attempts) every task whose lease has expired."""
     if tx.execute(q.RECORD_EXPIRED_LEASES, {"now": now, "detail": None}) == 0:
         return 0
-    return tx.execute(q.RECOVER_EXPIRED_LEASES, {"now": now, "error": _LEASE_EXPIRED_ERROR})
+    return tx.execute(q.RECOVER_EXPIRED_LEASES, {"now": now, "error": LEASE_EXPIRED_ERROR})
 
 
 def _event(tx: Tx, row: Row, kind: str, from_status: str | None, now: int, detail: Any = None) -> None:
@@ -203,7 +65,7 @@ def _insert_task(tx: Tx, spec: NewTask, task_id: str, now: int, extra_deps: Sequ
     depends_on = list(dict.fromkeys([*spec.depends_on, *extra_deps]))
     for dep in depends_on:
         if tx.fetchone(q.TASK_EXISTS, (dep,)) is None:
-            raise ValidationError(f"depends_on: task {dep!r} does not exist", details={"field": "depends_on"})
+            raise missing_dependency(dep)
     params = {
         "id": task_id,
         "work_path": spec.work_path,
@@ -238,6 +100,9 @@ class SqliteStore:
         self.clock = clock
         # Told how many expired leases a claim recovered on its way (for metrics).
         self.on_leases_recovered: Callable[[int], None] | None = None
+        # Other processes on the same file are seen by the service's long-poll re-checks only.
+        self.on_remote_change: Callable[[], None] | None = None
+        self.location = str(db.path)
 
     @classmethod
     async def open(
@@ -357,6 +222,10 @@ class SqliteStore:
     async def cleanup(self, cutoff_us: int | None, max_tasks: int) -> CleanupResult:
         return await self.db.write(_cleanup, cutoff_us, max_tasks)
 
+    async def ping(self) -> None:
+        """A round trip to the database (health checks)."""
+        await self.db.ping()
+
     async def integrity_check(self) -> str:
         return await self.db.integrity_check()
 
@@ -388,21 +257,7 @@ def _claim(tx: Tx, f: ClaimFilter, now: int) -> tuple[Row | None, int]:
 
 def _lease_problem(tx: Tx, task_id: str, worker_id: str, token: int, now: int) -> Exception:
     """Explain why a fenced write changed no row."""
-    row = tx.fetchone(q.SELECT_TASK, (task_id,))
-    if row is None:
-        return NotFound(f"task {task_id!r} does not exist")
-    if row["version"] != token or row["worker_id"] != worker_id:
-        return LeaseLost(
-            f"task {task_id} is no longer claimed by {worker_id} with token {token} "
-            f"(it is {row['status']} at version {row['version']}); stop working on it and do not "
-            "complete it: call next_task for new work"
-        )
-    if row["status"] != "working" or (row["lease_expires_at"] or 0) <= now:
-        return LeaseLost(
-            f"the lease on task {task_id} expired; stop working on it: the task will be retried. "
-            "Call heartbeat_task at least every lease_seconds/2 on long work"
-        )
-    return InvalidState(f"task {task_id} is {row['status']}")
+    return lease_problem(tx.fetchone(q.SELECT_TASK, (task_id,)), task_id, worker_id, token, now)
 
 
 def _complete(tx: Tx, c: Completion, now: int) -> Row:
@@ -471,19 +326,7 @@ def _release(tx: Tx, task_id: str, worker_id: str, token: int, now: int, delay_u
 
 
 def _edit_problem(tx: Tx, task_id: str, expected_version: int | None, action: str, allowed: str) -> Exception:
-    row = tx.fetchone(q.SELECT_TASK, (task_id,))
-    if row is None:
-        return NotFound(f"task {task_id!r} does not exist")
-    if expected_version is not None and row["version"] != expected_version:
-        return Conflict(
-            f"task {task_id} is at version {row['version']}, not {expected_version}: it changed since "
-            "you read it; get_task and decide again",
-            details={"current_version": row["version"]},
-        )
-    return InvalidState(
-        f"cannot {action} task {task_id}: it is {row['status']}; {action} applies to {allowed} tasks only",
-        details={"status": row["status"]},
-    )
+    return edit_problem(tx.fetchone(q.SELECT_TASK, (task_id,)), task_id, expected_version, action, allowed)
 
 
 def _cancel(tx: Tx, task_id: str, reason: str | None, expected_version: int | None, now: int) -> Row:

@@ -4,7 +4,7 @@ change to the database.
 Each table row calls one method with its valid base arguments, one of them replaced by a bad value.
 "Changes nothing" is checked on the SQLite file itself, read through a separate connection: every row
 of tasks, task_events, task_dependencies and task_tags before and after the call. Small limits keep
-the oversized inputs small.
+the oversized inputs small. The whole table is replayed on PostgreSQL too, in one test at the end.
 """
 
 from __future__ import annotations
@@ -669,3 +669,45 @@ def _short(value: Any) -> str:
 @pytest.mark.parametrize("method", sorted(VALID))
 def test_anything_in_every_argument_raises_only_taskorch_errors_and_changes_nothing(portal_service, method, data):
     check_call(*portal_service, method, data.draw(all_random_arguments(method), label="kwargs"))
+
+
+# -- the same table on PostgreSQL -------------------------------------------------------------------
+
+
+def _pg_snapshot(pg_db: Any) -> dict[str, list[tuple]]:
+    return {
+        table: [tuple(r) for r in pg_db.fetch(f"SELECT * FROM {table} ORDER BY {order}")]
+        for table, order in _TABLES.items()
+    }
+
+
+@pytest.mark.anyio
+@pytest.mark.postgres
+async def test_every_bad_argument_gets_the_same_error_on_postgresql_and_changes_nothing(pg_db) -> None:
+    # The table above, replayed in one test on one seeded PostgreSQL queue: a bad call changes
+    # nothing, so every row can share the seed, and each is still checked against the rows of
+    # every task table (read through a connection of the test's own) before and after it.
+    clock = Clock()
+    problems: list[str] = []
+    async with taskorch.open_service(pg_db.url, config=CONFIG, clock=clock, sweep=False) as svc:
+        ids = await seed_queue(svc, clock)
+        for i in range(3):
+            await svc.create_task(work_path="/w/sub", prompt=f"spare {i}")
+        for case in CASES:
+            method, arg, value, codes, needle = case.values
+            kwargs = {k: resolve(v, ids) for k, v in BASE[method].items()}
+            kwargs[arg] = resolve(value, ids)
+            before = _pg_snapshot(pg_db)
+            try:
+                await getattr(svc, method)(**kwargs)
+            except taskorch.TaskorchError as err:
+                message = str(err)
+                if err.code not in codes or str(resolve(needle, ids)) not in message:
+                    problems.append(f"{case.id}: {message[:200]}")
+                if any(word in message.lower() for word in ("traceback", "sqlite", "postgres", "asyncpg")):
+                    problems.append(f"{case.id}: leaks internals: {message[:200]}")
+            else:
+                problems.append(f"{case.id}: no error")
+            if _pg_snapshot(pg_db) != before:
+                problems.append(f"{case.id}: changed the database")
+    assert not problems, "\n".join(problems)

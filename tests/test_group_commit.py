@@ -1,4 +1,9 @@
-"""Concurrent writes share a transaction, but each stays atomic and gets its own answer."""
+"""Concurrent writes share a transaction, but each stays atomic and gets its own answer.
+
+The first three are contract tests and run on both stores (the `db` fixture): on PostgreSQL each
+write is its own statement, and the answers must be the same. The rest test SQLite's batching
+and its file lock, and are SQLite-only.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +33,8 @@ async def _gather(*aws):
     return await asyncio.gather(*aws, return_exceptions=True)
 
 
-async def test_a_failing_write_does_not_roll_back_the_others_of_its_batch(tmp_path: Path) -> None:
-    async with taskorch.open_service(tmp_path / "t.db", config=_config(), sweep=False) as svc:
+async def test_a_failing_write_does_not_roll_back_the_others_of_its_batch(db: str) -> None:
+    async with taskorch.open_service(db, config=_config(), sweep=False) as svc:
         results = await _gather(
             svc.create_task(work_path="/a", prompt="one"),
             svc.create_task(work_path="/a", prompt="two", depends_on=["t-missing"]),  # fails in the store
@@ -44,8 +49,8 @@ async def test_a_failing_write_does_not_roll_back_the_others_of_its_batch(tmp_pa
             assert [e.kind for e in events] == ["created"]
 
 
-async def test_stale_and_current_completions_in_one_batch_each_get_their_own_answer(tmp_path: Path) -> None:
-    async with taskorch.open_service(tmp_path / "t.db", config=_config(), sweep=False) as svc:
+async def test_stale_and_current_completions_in_one_batch_each_get_their_own_answer(db: str) -> None:
+    async with taskorch.open_service(db, config=_config(), sweep=False) as svc:
         first = await svc.create_task(work_path="/b", prompt="p1")
         second = await svc.create_task(work_path="/b", prompt="p2")
         c1 = await svc.next_task(work_path="/b", worker_id="w1")
@@ -61,8 +66,8 @@ async def test_stale_and_current_completions_in_one_batch_each_get_their_own_ans
         assert results[2].status is taskorch.Status.COMPLETED
 
 
-async def test_sixteen_concurrent_claims_share_transactions_and_never_share_a_task(tmp_path: Path) -> None:
-    async with taskorch.open_service(tmp_path / "t.db", config=_config(), sweep=False) as svc:
+async def test_sixteen_concurrent_claims_share_transactions_and_never_share_a_task(db: str) -> None:
+    async with taskorch.open_service(db, config=_config(), sweep=False) as svc:
         ids = {(await svc.create_task(work_path="/c", prompt=f"p{i}")).id for i in range(40)}
         claims = await _gather(*(svc.next_task(work_path="/c", worker_id=f"w{i}") for i in range(48)))
         won = [c for c in claims if c is not None]
@@ -71,6 +76,7 @@ async def test_sixteen_concurrent_claims_share_transactions_and_never_share_a_ta
         assert claims.count(None) == 8
 
 
+@pytest.mark.sqlite_only  # PostgreSQL sends each write at once: there is no batch to drop it from
 async def test_a_write_cancelled_before_its_batch_runs_is_not_applied(tmp_path: Path) -> None:
     async with taskorch.open_service(tmp_path / "t.db", config=_config(), sweep=False) as svc:
         doomed = asyncio.ensure_future(svc.create_task(work_path="/d", prompt="never"))
@@ -83,6 +89,7 @@ async def test_a_write_cancelled_before_its_batch_runs_is_not_applied(tmp_path: 
         assert [t.prompt for t in page.tasks] == ["kept"]
 
 
+@pytest.mark.sqlite_only  # SQLite's file lock, held by a raw connection
 async def test_a_batch_waits_on_the_database_thread_while_another_process_holds_the_lock(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     async with taskorch.open_service(db, config=_config(busy_timeout_ms=5000), sweep=False) as svc:
@@ -101,6 +108,7 @@ async def test_a_batch_waits_on_the_database_thread_while_another_process_holds_
         assert (await svc.list_tasks(work_path="/e")).total == 5
 
 
+@pytest.mark.sqlite_only  # SQLite's busy timeout
 async def test_a_batch_that_outwaits_the_busy_timeout_fails_every_op_with_store_busy(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     async with taskorch.open_service(db, config=_config(busy_timeout_ms=100), sweep=False) as svc:

@@ -43,19 +43,21 @@ def errlog(tmp_path: Path) -> Iterator[IO[str]]:
         yield f
 
 
-def server_env(db: Path, **extra: str) -> dict[str, str]:
+def server_env(db: Path | str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKORCH_")}
     env["TASKORCH_DB"] = str(db)
     env.update(extra)
     return env
 
 
-def server_params(db: Path, **extra_env: str) -> StdioServerParameters:
+def server_params(db: Path | str, **extra_env: str) -> StdioServerParameters:
     return StdioServerParameters(command=sys.executable, args=["-c", SERVE], env=server_env(db, **extra_env))
 
 
 @contextlib.asynccontextmanager
-async def open_sessions(db: Path, count: int, errlog: IO[str], **extra_env: str) -> AsyncIterator[list[ClientSession]]:
+async def open_sessions(
+    db: Path | str, count: int, errlog: IO[str], **extra_env: str
+) -> AsyncIterator[list[ClientSession]]:
     """`count` server processes on one database, started together and initialized concurrently."""
     async with contextlib.AsyncExitStack() as stack:
         sessions = []
@@ -75,8 +77,8 @@ async def ok(session: ClientSession, name: str, arguments: dict[str, Any]) -> An
 
 
 @pytest.mark.anyio
-async def test_two_processes_drain_one_queue(tmp_path: Path, errlog: IO[str]) -> None:
-    db = tmp_path / "shared.db"
+async def test_two_processes_drain_one_queue(db: str, errlog: IO[str]) -> None:
+    # Two stdio servers on one SQLite file, or on one PostgreSQL database (the `db` fixture).
     n = 40
     with anyio.fail_after(60):
         async with open_sessions(db, 2, errlog) as (a, b):

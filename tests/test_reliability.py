@@ -8,6 +8,10 @@ ARGS_JSON`, see `_CHILD_ROLES` at the bottom). A child prints one JSON value per
 "ready" then waiting for "go" on stdin is the start barrier. Its stderr goes to a file that failing
 assertions quote. Leases are expired with injected clocks, never by sleeping on a condition; the
 randomised fencing test speeds its shared clock up instead, because leases are whole seconds.
+
+Sections 1-6 are the contract and run on both stores (the `db` fixture, tests/conftest.py):
+a SQLite file shared by processes, or a PostgreSQL database shared by servers. Sections 7-8 test
+SQLite's own lock, busy timeout and file, and are marked sqlite_only.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def scaled_clock(origin_us: int, speed: float) -> Callable[[], int]:
 def open_svc(
     db_path: str | Path, *, config: Config | None = None, clock: Callable[[], int] | None = None, sweep: bool = False
 ) -> contextlib.AbstractAsyncContextManager[taskorch.TaskService]:
-    """A service on the file with durability "normal" (survives any process crash)."""
+    """A service on the database (file or URL) with durability "normal"."""
     return taskorch.open_service(db_path, config=config or make_config(), durability="normal", clock=clock, sweep=sweep)
 
 
@@ -234,21 +238,27 @@ PRIORITIES = ["low", "medium", "high", "urgent"]
 
 
 @pytest.mark.anyio
-async def test_eight_processes_drain_2000_tasks_over_four_work_paths_each_completed_exactly_once(
-    db_path: Path, tmp_path: Path
+async def test_many_processes_drain_2000_tasks_over_four_work_paths_each_completed_exactly_once(
+    db: str, store_kind: str, tmp_path: Path
 ) -> None:
-    n_tasks, n_workers = 2000, 8
+    # SQLite: 8 processes on one file. PostgreSQL: 4 servers (processes, each its own service with
+    # its own pool) on one database.
+    n_tasks, n_workers = 2000, (8 if store_kind == "sqlite" else 4)
     started = time.monotonic()
-    async with open_svc(db_path) as svc:
-        created = [
-            await svc.create_task(work_path=WORK_PATHS[i % 4], prompt=f"task {i}", priority=PRIORITIES[i // 4 % 4])
-            for i in range(n_tasks)
-        ]
+    async with open_svc(db) as svc:
+        created = []
+        for first in range(0, n_tasks, 500):
+            created += await svc.create_tasks(
+                tasks=[
+                    {"work_path": WORK_PATHS[i % 4], "prompt": f"task {i}", "priority": PRIORITIES[i // 4 % 4]}
+                    for i in range(first, first + 500)
+                ]
+            )
     all_ids = {t.id for t in created}
     assert len(all_ids) == n_tasks
     create_s = time.monotonic() - started
 
-    args = [{"db": str(db_path), "worker_id": f"w{k}", "offset": k} for k in range(n_workers)]
+    args = [{"db": db, "worker_id": f"w{k}", "offset": k} for k in range(n_workers)]
     async with children(tmp_path, "drain", args) as procs:
         await start_together(procs)
         drain_started = time.monotonic()
@@ -264,7 +274,7 @@ async def test_eight_processes_drain_2000_tasks_over_four_work_paths_each_comple
     assert sum(r["empty_claims"] for r in results) >= n_workers  # every worker saw the queue empty
     assert sum(1 for r in results if r["completed"]) >= 2  # the work really was shared
 
-    async with open_svc(db_path) as svc:
+    async with open_svc(db) as svc:
         rows = await all_tasks(svc)
         assert len(rows) == n_tasks
         assert {t.id for t in rows} == all_ids
@@ -278,7 +288,7 @@ async def test_eight_processes_drain_2000_tasks_over_four_work_paths_each_comple
             kinds = [e.kind for e in await events_of(svc, task_id)]
             assert kinds == ["created", "claimed", "completed"], (task_id, kinds)
         assert await svc.store.integrity_check() == "ok"
-    print(f"\n[reliability] 8 procs x 2000 tasks: create {create_s:.2f}s, drain {drain_s:.2f}s "
+    print(f"\n[reliability] {store_kind}: {n_workers} procs x 2000 tasks: create {create_s:.2f}s, drain {drain_s:.2f}s "
           f"({n_tasks / drain_s:.0f} tasks/s), whole test {time.monotonic() - started:.2f}s")  # fmt: skip
 
 
@@ -310,13 +320,19 @@ async def _drain_worker(a: dict[str, Any]) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("inline_writes", [True, False], ids=["inline", "threaded"])
-async def test_fifty_concurrent_claims_of_one_task_have_exactly_one_winner(db_path: Path, inline_writes: bool) -> None:
-    # Five services on one file, ten claimers each: with inline_writes off every write runs on its
-    # service's own thread, so the claims truly race for SQLite's write lock.
+@pytest.mark.parametrize(
+    ("db", "inline_writes"),
+    [("sqlite", True), ("sqlite", False), pytest.param("postgres", True, marks=pytest.mark.postgres)],
+    ids=["sqlite-inline", "sqlite-threaded", "postgres"],
+    indirect=["db"],
+)
+async def test_fifty_concurrent_claims_of_one_task_have_exactly_one_winner(db: str, inline_writes: bool) -> None:
+    # Five services on one database, ten claimers each: with inline_writes off every SQLite write
+    # runs on its service's own thread, so the claims truly race for the write lock; on
+    # PostgreSQL each service has its own pool, and the claims race on the row lock.
     cfg = make_config(store={"inline_writes": inline_writes})
     async with contextlib.AsyncExitStack() as stack:
-        services = [await stack.enter_async_context(open_svc(db_path, config=cfg)) for _ in range(5)]
+        services = [await stack.enter_async_context(open_svc(db, config=cfg)) for _ in range(5)]
         task = await services[0].create_task(work_path="/race", prompt="only one may have me")
         gate = anyio.Event()
         claims: list[taskorch.Claim | None] = []
@@ -344,13 +360,16 @@ async def test_fifty_concurrent_claims_of_one_task_have_exactly_one_winner(db_pa
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("inline_writes", [True, False], ids=["inline", "threaded"])
-async def test_sixteen_coroutines_draining_500_tasks_complete_each_exactly_once(
-    db_path: Path, inline_writes: bool
-) -> None:
+@pytest.mark.parametrize(
+    ("db", "inline_writes"),
+    [("sqlite", True), ("sqlite", False), pytest.param("postgres", True, marks=pytest.mark.postgres)],
+    ids=["sqlite-inline", "sqlite-threaded", "postgres"],
+    indirect=["db"],
+)
+async def test_sixteen_coroutines_draining_500_tasks_complete_each_exactly_once(db: str, inline_writes: bool) -> None:
     cfg = make_config(store={"inline_writes": inline_writes})
     async with contextlib.AsyncExitStack() as stack:
-        services = [await stack.enter_async_context(open_svc(db_path, config=cfg)) for _ in range(4)]
+        services = [await stack.enter_async_context(open_svc(db, config=cfg)) for _ in range(4)]
         created = await services[0].create_tasks(tasks=[{"work_path": "/drain", "prompt": f"t{i}"} for i in range(500)])
         accepted: list[str] = []
 
@@ -377,14 +396,38 @@ async def test_sixteen_coroutines_draining_500_tasks_complete_each_exactly_once(
         assert await services[0].store.integrity_check() == "ok"
 
 
+@pytest.mark.anyio
+async def test_sixteen_concurrent_creates_with_one_idempotency_key_make_one_task_and_one_event(db: str) -> None:
+    # Four services (on PostgreSQL four pools: the inserts really race) with four creators each.
+    async with contextlib.AsyncExitStack() as stack:
+        services = [await stack.enter_async_context(open_svc(db)) for _ in range(4)]
+        gate = anyio.Event()
+        made: list[Task] = []
+
+        async def creator(k: int) -> None:
+            await gate.wait()
+            made.append(await services[k % 4].create_task(work_path="/idem", prompt=f"try {k}", idempotency_key="once"))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for k in range(16):
+                    tg.start_soon(creator, k)
+                await anyio.wait_all_tasks_blocked()
+                gate.set()
+        assert len(made) == 16 and len({t.id for t in made}) == 1
+        assert len({snapshot(t)["prompt"] for t in made}) == 1  # every caller got the first task
+        assert (await services[0].list_tasks(work_path="/idem")).total == 1
+        assert [e.kind for e in await events_of(services[0], made[0].id)] == ["created"]
+
+
 # -- 3. fencing, deterministic ----------------------------------------------------------------------
 
 
 @pytest.mark.anyio
 async def test_stale_lease_token_cannot_complete_heartbeat_or_release_after_task_is_reclaimed(
-    db_path: Path, clock: FakeClock
+    db: str, clock: FakeClock
 ) -> None:
-    async with open_svc(db_path, clock=clock) as svc:
+    async with open_svc(db, clock=clock) as svc:
         task = await svc.create_task(work_path="/fence", prompt="p", max_attempts=3)
         a = await svc.next_task(work_path="/fence", worker_id="A", lease_seconds=10)
         assert a is not None and a.task.id == task.id and a.task.attempts == 1
@@ -438,10 +481,10 @@ async def test_stale_lease_token_cannot_complete_heartbeat_or_release_after_task
 
 @pytest.mark.anyio
 async def test_repeated_complete_with_the_accepted_token_returns_the_task_without_a_second_completion(
-    db_path: Path,
+    db: str,
 ) -> None:
     # The worker's first answer was lost on the way back; it sends the same completion again.
-    async with open_svc(db_path) as svc:
+    async with open_svc(db) as svc:
         task = await svc.create_task(work_path="/replay", prompt="p")
         a = await svc.next_task(work_path="/replay", worker_id="A")
         assert a is not None
@@ -456,12 +499,12 @@ async def test_repeated_complete_with_the_accepted_token_returns_the_task_withou
 
 @pytest.mark.anyio
 async def test_stale_token_cannot_report_success_after_its_failure_was_retried_and_reclaimed(
-    db_path: Path, clock: FakeClock
+    db: str, clock: FakeClock
 ) -> None:
     # A reports a failure (accepted: the task is rescheduled), B claims the retry, then A sends a
     # success with its old token. Its token is no longer current and someone else holds the task:
     # DESIGN.md says LEASE_LOST. A "replay" answer would tell A a success it never had was taken.
-    async with open_svc(db_path, clock=clock) as svc:
+    async with open_svc(db, clock=clock) as svc:
         task = await svc.create_task(work_path="/fence", prompt="p", max_attempts=3)
         a = await svc.next_task(work_path="/fence", worker_id="A", lease_seconds=60)
         assert a is not None
@@ -487,10 +530,8 @@ async def test_stale_token_cannot_report_success_after_its_failure_was_retried_a
 
 
 @pytest.mark.anyio
-async def test_expired_lease_cannot_complete_even_before_anyone_reclaims_the_task(
-    db_path: Path, clock: FakeClock
-) -> None:
-    async with open_svc(db_path, clock=clock) as svc:
+async def test_expired_lease_cannot_complete_even_before_anyone_reclaims_the_task(db: str, clock: FakeClock) -> None:
+    async with open_svc(db, clock=clock) as svc:
         task = await svc.create_task(work_path="/fence", prompt="p")
         a = await svc.next_task(work_path="/fence", worker_id="A", lease_seconds=5)
         assert a is not None
@@ -509,8 +550,8 @@ async def test_expired_lease_cannot_complete_even_before_anyone_reclaims_the_tas
 
 
 @pytest.mark.anyio
-async def test_heartbeat_keeps_a_lease_alive_past_its_first_expiry(db_path: Path, clock: FakeClock) -> None:
-    async with open_svc(db_path, clock=clock) as svc:
+async def test_heartbeat_keeps_a_lease_alive_past_its_first_expiry(db: str, clock: FakeClock) -> None:
+    async with open_svc(db, clock=clock) as svc:
         await svc.create_task(work_path="/hb", prompt="p")
         a = await svc.next_task(work_path="/hb", worker_id="A", lease_seconds=10)
         assert a is not None
@@ -527,8 +568,8 @@ async def test_heartbeat_keeps_a_lease_alive_past_its_first_expiry(db_path: Path
 
 
 @pytest.mark.anyio
-async def test_heartbeats_cannot_extend_an_attempt_past_its_timeout(db_path: Path, clock: FakeClock) -> None:
-    async with open_svc(db_path, clock=clock) as svc:
+async def test_heartbeats_cannot_extend_an_attempt_past_its_timeout(db: str, clock: FakeClock) -> None:
+    async with open_svc(db, clock=clock) as svc:
         task = await svc.create_task(work_path="/deadline", prompt="p", timeout_seconds=30)
         a = await svc.next_task(work_path="/deadline", worker_id="A", lease_seconds=20)
         assert a is not None
@@ -543,8 +584,8 @@ async def test_heartbeats_cannot_extend_an_attempt_past_its_timeout(db_path: Pat
 
 
 @pytest.mark.anyio
-async def test_worker_of_a_cancelled_task_gets_lease_lost(db_path: Path, clock: FakeClock) -> None:
-    async with open_svc(db_path, clock=clock) as svc:
+async def test_worker_of_a_cancelled_task_gets_lease_lost(db: str, clock: FakeClock) -> None:
+    async with open_svc(db, clock=clock) as svc:
         task = await svc.create_task(work_path="/cancel", prompt="p")
         a = await svc.next_task(work_path="/cancel", worker_id="A", lease_seconds=60)
         assert a is not None
@@ -566,20 +607,18 @@ FENCE_SPEED = 3.0  # a 1 s lease lasts 1/3 s of real time
 
 
 @pytest.mark.anyio
-async def test_paused_and_slow_worker_processes_never_get_a_second_completion_accepted(
-    db_path: Path, tmp_path: Path
-) -> None:
+async def test_paused_and_slow_worker_processes_never_get_a_second_completion_accepted(db: str, tmp_path: Path) -> None:
     n_tasks, n_workers = 200, 4
     rng = random.Random(20260101)
     origin = time.time_ns() // 1000
     clock = scaled_clock(origin, FENCE_SPEED)
     cfg = make_config(tasks={"max_attempts": 50})
-    async with open_svc(db_path, config=cfg, clock=clock, sweep=False) as svc:
+    async with open_svc(db, config=cfg, clock=clock, sweep=False) as svc:
         created = await svc.create_tasks(tasks=[{"work_path": "/fence", "prompt": f"t{i}"} for i in range(n_tasks)])
     all_ids = {t.id for t in created}
 
     args = [
-        {"db": str(db_path), "worker_id": f"w{k}", "n_tasks": n_tasks, "origin": origin, "seed": rng.random()}
+        {"db": db, "worker_id": f"w{k}", "n_tasks": n_tasks, "origin": origin, "seed": rng.random()}
         for k in range(n_workers)
     ]
     started = time.monotonic()
@@ -606,7 +645,7 @@ async def test_paused_and_slow_worker_processes_never_get_a_second_completion_ac
     assert {i: v for i, v in accepted.items() if len(v) != 1} == {}  # exactly one accepted per task
     assert set(accepted) == all_ids
 
-    async with open_svc(db_path, config=cfg, clock=clock, sweep=False) as svc:
+    async with open_svc(db, config=cfg, clock=clock, sweep=False) as svc:
         for task_id in sorted(all_ids):
             got = await svc.get_task(task_id=task_id, include_events=True)
             events = got.events or []
@@ -678,9 +717,9 @@ async def _fenced_worker(a: dict[str, Any]) -> None:
 # -- 5. a worker killed mid-task ----------------------------------------------------------------------
 
 
-async def _claim_in_child_and_kill_it(tmp_path: Path, db_path: Path, work_path: str) -> tuple[str, int]:
+async def _claim_in_child_and_kill_it(tmp_path: Path, db: str, work_path: str) -> tuple[str, int]:
     """A child process claims a task with a 1 s lease and is SIGKILLed while holding it."""
-    args = [{"db": str(db_path), "work_path": work_path, "worker_id": "doomed"}]
+    args = [{"db": db, "work_path": work_path, "worker_id": "doomed"}]
     async with children(tmp_path, "claim_and_hang", args) as (child,):
         with anyio.fail_after(15):
             claimed = await child.read_json()
@@ -690,11 +729,11 @@ async def _claim_in_child_and_kill_it(tmp_path: Path, db_path: Path, work_path: 
 
 
 @pytest.mark.anyio
-async def test_task_of_killed_worker_is_requeued_by_the_sweep_and_reclaimed(db_path: Path, tmp_path: Path) -> None:
+async def test_task_of_killed_worker_is_requeued_by_the_sweep_and_reclaimed(db: str, tmp_path: Path) -> None:
     cfg = make_config()
-    async with open_svc(db_path, config=cfg, sweep=True) as svc:
+    async with open_svc(db, config=cfg, sweep=True) as svc:
         task = await svc.create_task(work_path="/kill", prompt="p", max_attempts=3)
-        task_id, dead_token = await _claim_in_child_and_kill_it(tmp_path, db_path, "/kill")
+        task_id, dead_token = await _claim_in_child_and_kill_it(tmp_path, db, "/kill")
         assert task_id == task.id
         # Lease 1 s + sweep interval 0.05 s, with nobody claiming.
         await wait_until(lambda: is_status(svc, task.id, Status.WAITING))
@@ -712,13 +751,11 @@ async def test_task_of_killed_worker_is_requeued_by_the_sweep_and_reclaimed(db_p
 
 
 @pytest.mark.anyio
-async def test_task_of_killed_worker_is_reclaimed_by_the_next_claim_without_a_sweep(
-    db_path: Path, tmp_path: Path
-) -> None:
+async def test_task_of_killed_worker_is_reclaimed_by_the_next_claim_without_a_sweep(db: str, tmp_path: Path) -> None:
     cfg = make_config()
-    async with open_svc(db_path, config=cfg) as svc:
+    async with open_svc(db, config=cfg) as svc:
         task = await svc.create_task(work_path="/kill", prompt="p", max_attempts=3)
-        task_id, dead_token = await _claim_in_child_and_kill_it(tmp_path, db_path, "/kill")
+        task_id, dead_token = await _claim_in_child_and_kill_it(tmp_path, db, "/kill")
         assert task_id == task.id
         with anyio.fail_after(5):
             claim = await svc.next_task(work_path="/kill", worker_id="B", wait_seconds=4)
@@ -744,8 +781,8 @@ async def _assert_dead_token_is_refused(svc: taskorch.TaskService, task_id: str,
 
 
 @pytest.mark.anyio
-async def test_task_whose_lease_expires_max_attempts_times_ends_failed(db_path: Path, clock: FakeClock) -> None:
-    async with open_svc(db_path, clock=clock) as svc:
+async def test_task_whose_lease_expires_max_attempts_times_ends_failed(db: str, clock: FakeClock) -> None:
+    async with open_svc(db, clock=clock) as svc:
         task = await svc.create_task(work_path="/poison", prompt="crashes its worker", max_attempts=3)
         tokens = []
         for attempt in range(1, 4):
@@ -774,10 +811,10 @@ async def test_task_whose_lease_expires_max_attempts_times_ends_failed(db_path: 
 
 @pytest.mark.anyio
 async def test_task_whose_lease_expires_max_attempts_times_through_claims_ends_failed(
-    db_path: Path, clock: FakeClock
+    db: str, clock: FakeClock
 ) -> None:
     # Same poison task, recovered only by the claims that look for work (no explicit sweep).
-    async with open_svc(db_path, clock=clock) as svc:
+    async with open_svc(db, clock=clock) as svc:
         task = await svc.create_task(work_path="/poison", prompt="crashes its worker", max_attempts=2)
         for attempt in (1, 2):
             claim = await svc.next_task(work_path="/poison", worker_id=f"w{attempt}", lease_seconds=2)
@@ -793,9 +830,9 @@ async def test_task_whose_lease_expires_max_attempts_times_through_claims_ends_f
 
 @pytest.mark.anyio
 async def test_expired_lease_is_recovered_by_recover_expired_leases_with_nobody_claiming(
-    db_path: Path, clock: FakeClock
+    db: str, clock: FakeClock
 ) -> None:
-    async with open_svc(db_path, clock=clock) as svc:
+    async with open_svc(db, clock=clock) as svc:
         task = await svc.create_task(work_path="/sweep", prompt="p")
         clock.advance(0.001)  # oldest first: `task` is claimed first
         other = await svc.create_task(work_path="/sweep", prompt="q")
@@ -823,8 +860,8 @@ async def test_expired_lease_is_recovered_by_recover_expired_leases_with_nobody_
 
 
 @pytest.mark.anyio
-async def test_expired_lease_is_recovered_by_the_background_sweep(db_path: Path, clock: FakeClock) -> None:
-    async with open_svc(db_path, clock=clock, sweep=True) as svc:
+async def test_expired_lease_is_recovered_by_the_background_sweep(db: str, clock: FakeClock) -> None:
+    async with open_svc(db, clock=clock, sweep=True) as svc:
         task = await svc.create_task(work_path="/sweep", prompt="p")
         a = await svc.next_task(work_path="/sweep", worker_id="A", lease_seconds=10)
         assert a is not None
@@ -841,6 +878,7 @@ async def test_expired_lease_is_recovered_by_the_background_sweep(db_path: Path,
 
 
 @pytest.mark.anyio
+@pytest.mark.sqlite_only  # SQLite's write lock and busy timeout
 async def test_create_while_another_connection_holds_the_write_lock_is_store_busy_then_succeeds(
     db_path: Path,
 ) -> None:
@@ -873,6 +911,7 @@ async def test_create_while_another_connection_holds_the_write_lock_is_store_bus
 
 
 @pytest.mark.anyio
+@pytest.mark.sqlite_only  # SQLite's write lock
 async def test_write_lock_held_elsewhere_makes_the_sweep_skip_rounds_but_not_die(
     db_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -896,6 +935,7 @@ async def test_write_lock_held_elsewhere_makes_the_sweep_skip_rounds_but_not_die
 
 
 @pytest.mark.anyio
+@pytest.mark.sqlite_only  # SQLite's write lock
 async def test_long_poll_that_times_out_while_the_store_is_busy_leaves_no_task_claimed(db_path: Path) -> None:
     # A long poll re-claims every poll interval. If its wait_seconds runs out while a claim waits
     # for another connection's write lock, either the caller gets the task or the task stays
@@ -933,6 +973,7 @@ async def test_long_poll_that_times_out_while_the_store_is_busy_leaves_no_task_c
 
 
 @pytest.mark.anyio
+@pytest.mark.sqlite_only  # SQLite's busy timeout
 async def test_eight_processes_creating_at_once_with_a_5_s_busy_timeout_get_no_errors(
     db_path: Path, tmp_path: Path
 ) -> None:
@@ -980,6 +1021,7 @@ async def _create_burst(a: dict[str, Any]) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.sqlite_only  # SQLite's file after kill -9 of its writer
 async def test_every_acknowledged_create_survives_kill_9_of_the_writer(db_path: Path, tmp_path: Path) -> None:
     rng = random.Random(8)
     acknowledged: list[str] = []

@@ -1,8 +1,9 @@
 """Contract tests of the service API (taskorch.open_service): the task model, the state machine,
 claims, leases and fencing, dependencies, batches, retention and statistics.
 
-Real SQLite files in tmp_path, no mocks. Time comes from an injected clock (integer microseconds),
-so nothing here sleeps to wait for time to pass.
+Every test runs against both stores (the `db` fixture, tests/conftest.py): a real SQLite file and a
+real PostgreSQL database, no mocks. Time comes from an injected clock (integer microseconds), so
+nothing here sleeps to wait for time to pass.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -56,10 +56,10 @@ def clock() -> Clock:
 
 
 @contextlib.asynccontextmanager
-async def service(tmp_path: Path, clock: Clock, **overrides: Any) -> AsyncIterator[taskorch.TaskService]:
-    """A service on a fresh database file; `overrides` are config sections, e.g. tasks={...}."""
+async def service(db: str, clock: Clock, **overrides: Any) -> AsyncIterator[taskorch.TaskService]:
+    """A service on a fresh database (`db`: a file or a URL); `overrides` are config sections."""
     cfg = load_config(environ={}, overrides=overrides)
-    async with taskorch.open_service(tmp_path / "t.db", config=cfg, clock=clock, sweep=False) as svc:
+    async with taskorch.open_service(db, config=cfg, clock=clock, sweep=False) as svc:
         yield svc
 
 
@@ -93,8 +93,8 @@ async def error_of(call) -> taskorch.TaskorchError:
 # -- creating -----------------------------------------------------------------------------------
 
 
-async def test_create_task_fills_in_defaults_and_records_a_created_event(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_create_task_fills_in_defaults_and_records_a_created_event(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/repo", prompt="  Fix the login bug  \nIt fails on empty passwords.")
 
         assert task.id and isinstance(task.id, str)
@@ -121,8 +121,8 @@ async def test_create_task_fills_in_defaults_and_records_a_created_event(tmp_pat
         assert event.at == clock.at()
 
 
-async def test_create_task_keeps_an_explicit_title_tags_metadata_and_limits(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_create_task_keeps_an_explicit_title_tags_metadata_and_limits(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(
             work_path="/repo", prompt="do it", title="A title", priority="high", tags=["a", "b", "a"],
             metadata={"k": [1, 2]}, max_attempts=7, timeout_seconds=60, idempotency_key="key-1",
@@ -144,8 +144,8 @@ async def test_create_task_keeps_an_explicit_title_tags_metadata_and_limits(tmp_
         ("urgent", taskorch.Priority.URGENT),
     ],
 )
-async def test_priority_aliases_normal_and_critical_map_to_medium_and_urgent(tmp_path, clock, given, expected):
-    async with service(tmp_path, clock) as svc:
+async def test_priority_aliases_normal_and_critical_map_to_medium_and_urgent(db, clock, given, expected):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p", priority=given)
         assert task.priority is expected
         page = await svc.list_tasks(priority=given)
@@ -155,8 +155,8 @@ async def test_priority_aliases_normal_and_critical_map_to_medium_and_urgent(tmp
 # -- claim order and filters ---------------------------------------------------------------------
 
 
-async def test_claims_take_the_highest_priority_first_then_the_oldest(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_claims_take_the_highest_priority_first_then_the_oldest(db, clock):
+    async with service(db, clock) as svc:
         ids = {}
         for name, priority in [("a", "low"), ("b", "medium"), ("c", "urgent"), ("d", "medium"), ("e", "high"),
                                ("f", "urgent")]:  # fmt: skip
@@ -167,21 +167,21 @@ async def test_claims_take_the_highest_priority_first_then_the_oldest(tmp_path, 
         assert await svc.next_task(work_path="/w", worker_id="w9") is None
 
 
-async def test_tasks_of_one_batch_are_claimed_in_the_order_given(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_tasks_of_one_batch_are_claimed_in_the_order_given(db, clock):
+    async with service(db, clock) as svc:
         created = await svc.create_tasks(tasks=[{"work_path": "/w", "prompt": f"step {i}"} for i in range(8)])
         assert await claim_order(svc, 8) == [t.id for t in created]
 
 
-async def test_tasks_created_at_the_same_instant_are_claimed_in_creation_order(tmp_path, clock):
+async def test_tasks_created_at_the_same_instant_are_claimed_in_creation_order(db, clock):
     # A coarse system clock (or a busy millisecond) gives several tasks the same created_at.
-    async with service(tmp_path, clock) as svc:
+    async with service(db, clock) as svc:
         ids = [(await svc.create_task(work_path="/w", prompt=f"task {i}")).id for i in range(8)]
         assert await claim_order(svc, 8) == ids
 
 
-async def test_next_task_claims_only_from_the_given_work_path(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_next_task_claims_only_from_the_given_work_path(db, clock):
+    async with service(db, clock) as svc:
         for path in ["/a/bc", "/a/b/c", "/a", "/x/a/b"]:
             await svc.create_task(work_path=path, prompt=path)
             clock.advance(1)
@@ -193,8 +193,8 @@ async def test_next_task_claims_only_from_the_given_work_path(tmp_path, clock):
         assert await svc.next_task(work_path="/a/b", worker_id="w2") is None
 
 
-async def test_include_subpaths_claims_below_the_work_path_but_not_a_sibling_sharing_its_prefix(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_include_subpaths_claims_below_the_work_path_but_not_a_sibling_sharing_its_prefix(db, clock):
+    async with service(db, clock) as svc:
         ids = {}
         for path in ["/a/bc", "/a/b.x", "/a", "/a/b/c/d", "/a/b", "/a/b/c"]:
             ids[path] = (await svc.create_task(work_path=path, prompt=path)).id
@@ -207,8 +207,8 @@ async def test_include_subpaths_claims_below_the_work_path_but_not_a_sibling_sha
         assert await svc.next_task(work_path="/a", worker_id="w9") is None
 
 
-async def test_tags_filter_claims_only_a_task_carrying_at_least_one_requested_tag(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_tags_filter_claims_only_a_task_carrying_at_least_one_requested_tag(db, clock):
+    async with service(db, clock) as svc:
         untagged = await svc.create_task(work_path="/w", prompt="untagged")
         clock.advance(1)
         x = await svc.create_task(work_path="/w", prompt="x", tags=["x"])
@@ -222,8 +222,8 @@ async def test_tags_filter_claims_only_a_task_carrying_at_least_one_requested_ta
         assert (await claim(svc)).task.id == untagged.id
 
 
-async def test_concurrent_claimers_each_win_a_different_task(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_concurrent_claimers_each_win_a_different_task(db, clock):
+    async with service(db, clock) as svc:
         created = {(await svc.create_task(work_path="/w", prompt=f"t{i}")).id for i in range(5)}
         results: list[taskorch.Claim | None] = []
 
@@ -240,8 +240,8 @@ async def test_concurrent_claimers_each_win_a_different_task(tmp_path, clock):
 # -- dependencies ---------------------------------------------------------------------------------
 
 
-async def test_a_task_is_not_claimable_until_every_dependency_is_completed(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_a_task_is_not_claimable_until_every_dependency_is_completed(db, clock):
+    async with service(db, clock) as svc:
         a = await svc.create_task(work_path="/w", prompt="a")
         b = await svc.create_task(work_path="/other", prompt="b")
         clock.advance(1)
@@ -259,8 +259,8 @@ async def test_a_task_is_not_claimable_until_every_dependency_is_completed(tmp_p
 
 
 @pytest.mark.parametrize("how", ["failed", "cancelled", "waiting"])
-async def test_a_dependency_that_is_not_completed_keeps_its_dependant_blocked(tmp_path, clock, how):
-    async with service(tmp_path, clock) as svc:
+async def test_a_dependency_that_is_not_completed_keeps_its_dependant_blocked(db, clock, how):
+    async with service(db, clock) as svc:
         parent = await svc.create_task(work_path="/p", prompt="parent", max_attempts=1)
         child = await svc.create_task(work_path="/w", prompt="child", depends_on=[parent.id])
         if how == "failed":
@@ -271,8 +271,8 @@ async def test_a_dependency_that_is_not_completed_keeps_its_dependant_blocked(tm
         assert (await svc.get_task(task_id=child.id)).task.status is taskorch.Status.WAITING
 
 
-async def test_a_dependency_completed_after_a_retry_unblocks_its_dependant(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_a_dependency_completed_after_a_retry_unblocks_its_dependant(db, clock):
+    async with service(db, clock) as svc:
         parent = await svc.create_task(work_path="/p", prompt="parent", max_attempts=1)
         child = await svc.create_task(work_path="/w", prompt="child", depends_on=[parent.id])
         await complete(svc, await claim(svc, "/p"), "failure")
@@ -293,8 +293,8 @@ async def test_a_dependency_completed_after_a_retry_unblocks_its_dependant(tmp_p
     ],
     ids=["validation", "unknown-dependency-found-in-the-store", "bad-priority"],
 )
-async def test_create_tasks_is_atomic_one_bad_item_creates_nothing(tmp_path, clock, bad_item, needle):
-    async with service(tmp_path, clock) as svc:
+async def test_create_tasks_is_atomic_one_bad_item_creates_nothing(db, clock, bad_item, needle):
+    async with service(db, clock) as svc:
         good = [{"work_path": "/w", "prompt": "a", "ref": "a"}, {"work_path": "/w", "prompt": "b", "depends_on": ["a"]}]
         err = await error_of(svc.create_tasks(tasks=[*good, bad_item]))
         assert err.code == "VALIDATION_ERROR"
@@ -303,8 +303,8 @@ async def test_create_tasks_is_atomic_one_bad_item_creates_nothing(tmp_path, clo
         assert (await svc.statistics()).total == 0
 
 
-async def test_create_tasks_resolves_refs_to_the_ids_it_creates(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_create_tasks_resolves_refs_to_the_ids_it_creates(db, clock):
+    async with service(db, clock) as svc:
         outside = await svc.create_task(work_path="/w", prompt="outside")
         await complete(svc, await claim(svc))
         deploy, build, check = await svc.create_tasks(
@@ -327,8 +327,8 @@ async def test_create_tasks_resolves_refs_to_the_ids_it_creates(tmp_path, clock)
             await complete(svc, c)
 
 
-async def test_create_tasks_sequential_mode_chains_each_item_to_the_one_before(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_create_tasks_sequential_mode_chains_each_item_to_the_one_before(db, clock):
+    async with service(db, clock) as svc:
         priorities = ["low", "high", "urgent"]
         items = [{"work_path": "/w", "prompt": f"step {i}", "priority": p} for i, p in enumerate(priorities)]
         created = await svc.create_tasks(tasks=items, mode="sequential")
@@ -351,8 +351,8 @@ async def test_create_tasks_sequential_mode_chains_each_item_to_the_one_before(t
     ],
     ids=["two-cycle", "three-cycle", "self"],
 )
-async def test_create_tasks_rejects_a_cycle_of_refs(tmp_path, clock, items):
-    async with service(tmp_path, clock) as svc:
+async def test_create_tasks_rejects_a_cycle_of_refs(db, clock, items):
+    async with service(db, clock) as svc:
         tasks = [{"work_path": "/w", "prompt": "p", **item} for item in items]
         err = await error_of(svc.create_tasks(tasks=tasks))
         assert err.code == "VALIDATION_ERROR"
@@ -360,8 +360,8 @@ async def test_create_tasks_rejects_a_cycle_of_refs(tmp_path, clock, items):
         assert (await svc.list_tasks()).total == 0
 
 
-async def test_an_unknown_depends_on_id_is_a_validation_error(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_an_unknown_depends_on_id_is_a_validation_error(db, clock):
+    async with service(db, clock) as svc:
         err = await error_of(svc.create_task(work_path="/w", prompt="p", depends_on=["t-missing"]))
         assert err.code == "VALIDATION_ERROR"
         assert "depends_on" in str(err)
@@ -375,8 +375,8 @@ async def test_an_unknown_depends_on_id_is_a_validation_error(tmp_path, clock):
 # -- delays and idempotency ------------------------------------------------------------------------
 
 
-async def test_delay_seconds_keeps_a_task_unclaimable_until_the_clock_passes_it(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_delay_seconds_keeps_a_task_unclaimable_until_the_clock_passes_it(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="later", delay_seconds=30)
         assert task.run_after == clock.at(30)
         assert task.status is taskorch.Status.WAITING
@@ -387,8 +387,8 @@ async def test_delay_seconds_keeps_a_task_unclaimable_until_the_clock_passes_it(
         assert (await claim(svc)).task.id == task.id
 
 
-async def test_a_repeated_idempotency_key_returns_the_first_task_with_one_created_event(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_a_repeated_idempotency_key_returns_the_first_task_with_one_created_event(db, clock):
+    async with service(db, clock) as svc:
         first = await svc.create_task(work_path="/w", prompt="first", idempotency_key="job-42")
         clock.advance(5)
         again = await svc.create_task(work_path="/w", prompt="second", idempotency_key="job-42", priority="urgent")
@@ -397,8 +397,8 @@ async def test_a_repeated_idempotency_key_returns_the_first_task_with_one_create
         assert (await svc.list_tasks()).total == 1
 
 
-async def test_an_idempotency_key_inside_create_tasks_returns_the_existing_task(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_an_idempotency_key_inside_create_tasks_returns_the_existing_task(db, clock):
+    async with service(db, clock) as svc:
         first = await svc.create_task(work_path="/w", prompt="first", idempotency_key="job-1")
         clock.advance(1)
         existing, new = await svc.create_tasks(
@@ -421,9 +421,9 @@ async def test_an_idempotency_key_inside_create_tasks_returns_the_existing_task(
 # -- failures, retries and backoff ----------------------------------------------------------------
 
 
-async def test_a_failure_with_attempts_left_waits_an_exponential_capped_backoff_before_the_next_claim(tmp_path, clock):
+async def test_a_failure_with_attempts_left_waits_an_exponential_capped_backoff_before_the_next_claim(db, clock):
     cfg = {"tasks": {"retry_backoff_seconds": 10, "retry_backoff_max_seconds": 25, "max_attempts": 4}}
-    async with service(tmp_path, clock, **cfg) as svc:
+    async with service(db, clock, **cfg) as svc:
         task = await svc.create_task(work_path="/w", prompt="flaky")
         for attempt, backoff in enumerate([10, 20, 25], start=1):
             c = await claim(svc)
@@ -450,8 +450,8 @@ async def test_a_failure_with_attempts_left_waits_an_exponential_capped_backoff_
         assert kinds == ["created", *["claimed", "retry_scheduled"] * 3, "claimed", "failed"]
 
 
-async def test_a_failure_marked_not_retryable_fails_the_task_at_once(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_a_failure_marked_not_retryable_fails_the_task_at_once(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p", max_attempts=5)
         done = await complete(svc, await claim(svc), "failure", retryable=False)
         assert done.status is taskorch.Status.FAILED
@@ -459,8 +459,8 @@ async def test_a_failure_marked_not_retryable_fails_the_task_at_once(tmp_path, c
         assert await svc.next_task(work_path="/w", worker_id="w1") is None
 
 
-async def test_a_failure_on_the_last_attempt_fails_the_task(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_a_failure_on_the_last_attempt_fails_the_task(db, clock):
+    async with service(db, clock) as svc:
         await svc.create_task(work_path="/w", prompt="p", max_attempts=1)
         done = await complete(svc, await claim(svc), "failure", output="no luck")
         assert done.status is taskorch.Status.FAILED
@@ -468,8 +468,8 @@ async def test_a_failure_on_the_last_attempt_fails_the_task(tmp_path, clock):
         assert done.completed_at == clock.at()
 
 
-async def test_a_success_completes_the_task_with_its_result(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_a_success_completes_the_task_with_its_result(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p")
         c = await claim(svc)
         clock.advance(2)
@@ -489,8 +489,8 @@ async def test_a_success_completes_the_task_with_its_result(tmp_path, clock):
 # -- leases -------------------------------------------------------------------------------------
 
 
-async def test_a_claim_returns_a_lease_whose_token_is_the_new_version(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_a_claim_returns_a_lease_whose_token_is_the_new_version(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p", timeout_seconds=100)
         c = await claim(svc, lease_seconds=30)
         assert c.task.id == task.id
@@ -502,15 +502,15 @@ async def test_a_claim_returns_a_lease_whose_token_is_the_new_version(tmp_path, 
         assert c.task.attempts == 1
 
 
-async def test_a_lease_longer_than_the_attempt_timeout_is_cut_to_the_deadline(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_a_lease_longer_than_the_attempt_timeout_is_cut_to_the_deadline(db, clock):
+    async with service(db, clock) as svc:
         await svc.create_task(work_path="/w", prompt="p", timeout_seconds=10)
         c = await claim(svc, lease_seconds=300)
         assert c.lease.expires_at == c.lease.deadline_at == clock.at(10)
 
 
-async def test_heartbeat_extends_the_lease_but_never_past_the_attempt_deadline(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_heartbeat_extends_the_lease_but_never_past_the_attempt_deadline(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p", timeout_seconds=100)
         c = await claim(svc, lease_seconds=30)
         start = clock.now
@@ -545,8 +545,8 @@ async def test_heartbeat_extends_the_lease_but_never_past_the_attempt_deadline(t
         assert (await claim(svc, worker_id="w2")).task.attempts == 2
 
 
-async def test_an_expired_lease_is_recovered_by_the_next_claim_and_the_old_worker_gets_lease_lost(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_an_expired_lease_is_recovered_by_the_next_claim_and_the_old_worker_gets_lease_lost(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p")
         old = await claim(svc, worker_id="slow", lease_seconds=10)
         clock.advance(10)
@@ -564,8 +564,8 @@ async def test_an_expired_lease_is_recovered_by_the_next_claim_and_the_old_worke
         assert (await svc.statistics()).leases_recovered == 1
 
 
-async def test_an_expired_lease_on_the_last_attempt_fails_the_task(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_an_expired_lease_on_the_last_attempt_fails_the_task(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p", max_attempts=1)
         await claim(svc, lease_seconds=5)
         clock.advance(5)
@@ -577,8 +577,8 @@ async def test_an_expired_lease_on_the_last_attempt_fails_the_task(tmp_path, clo
         assert await svc.recover_expired_leases() == 0
 
 
-async def test_release_returns_the_task_to_waiting_without_counting_the_attempt(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_release_returns_the_task_to_waiting_without_counting_the_attempt(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p", max_attempts=1)
         c = await claim(svc)
         released = await svc.release_task(task_id=task.id, worker_id="w1", lease_token=c.lease.token)
@@ -593,8 +593,8 @@ async def test_release_returns_the_task_to_waiting_without_counting_the_attempt(
         assert (await complete(svc, again)).status is taskorch.Status.COMPLETED
 
 
-async def test_release_with_a_delay_keeps_the_task_unclaimable_until_then(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_release_with_a_delay_keeps_the_task_unclaimable_until_then(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p")
         c = await claim(svc)
         released = await svc.release_task(task_id=task.id, worker_id="w1", lease_token=c.lease.token, delay_seconds=5)
@@ -604,8 +604,8 @@ async def test_release_with_a_delay_keeps_the_task_unclaimable_until_then(tmp_pa
         assert (await claim(svc, worker_id="w2")).task.id == task.id
 
 
-async def test_max_working_per_work_path_caps_concurrent_claims_in_one_work_path(tmp_path, clock):
-    async with service(tmp_path, clock, tasks={"max_working_per_work_path": 1}) as svc:
+async def test_max_working_per_work_path_caps_concurrent_claims_in_one_work_path(db, clock):
+    async with service(db, clock, tasks={"max_working_per_work_path": 1}) as svc:
         a1 = await svc.create_task(work_path="/a", prompt="a1")
         clock.advance(1)
         a2 = await svc.create_task(work_path="/a", prompt="a2")
@@ -619,8 +619,8 @@ async def test_max_working_per_work_path_caps_concurrent_claims_in_one_work_path
         assert (await claim(svc, "/a", worker_id="w2")).task.id == a2.id
 
 
-async def test_a_completion_repeated_by_the_same_worker_and_token_returns_the_completed_task(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_a_completion_repeated_by_the_same_worker_and_token_returns_the_completed_task(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p")
         c = await claim(svc)
         done = await complete(svc, c, output="ok")
@@ -639,8 +639,8 @@ async def test_a_completion_repeated_by_the_same_worker_and_token_returns_the_co
 # -- cancel, retry, optimistic locking -----------------------------------------------------------
 
 
-async def test_cancel_a_waiting_task(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_cancel_a_waiting_task(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p")
         clock.advance(1)
         cancelled = await svc.cancel_task(task_id=task.id, reason="not needed")
@@ -655,8 +655,8 @@ async def test_cancel_a_waiting_task(tmp_path, clock):
         assert await svc.next_task(work_path="/w", worker_id="w1") is None
 
 
-async def test_cancel_a_working_task_fences_out_its_worker(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_cancel_a_working_task_fences_out_its_worker(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p")
         c = await claim(svc)
         cancelled = await svc.cancel_task(task_id=task.id)
@@ -673,8 +673,8 @@ async def test_cancel_a_working_task_fences_out_its_worker(tmp_path, clock):
 
 
 @pytest.mark.parametrize("state", ["completed", "failed", "cancelled"])
-async def test_cancel_a_finished_task_is_invalid_state_and_changes_nothing(tmp_path, clock, state):
-    async with service(tmp_path, clock) as svc:
+async def test_cancel_a_finished_task_is_invalid_state_and_changes_nothing(db, clock, state):
+    async with service(db, clock) as svc:
         task = await make_task_in(svc, state)
         before = await svc.get_task(task_id=task.id, include_events=True)
         err = await error_of(svc.cancel_task(task_id=task.id))
@@ -684,8 +684,8 @@ async def test_cancel_a_finished_task_is_invalid_state_and_changes_nothing(tmp_p
 
 
 @pytest.mark.parametrize("state", ["failed", "cancelled"])
-async def test_retry_puts_a_failed_or_cancelled_task_back_to_waiting_with_attempts_reset(tmp_path, clock, state):
-    async with service(tmp_path, clock) as svc:
+async def test_retry_puts_a_failed_or_cancelled_task_back_to_waiting_with_attempts_reset(db, clock, state):
+    async with service(db, clock) as svc:
         task = await make_task_in(svc, state)
         clock.advance(60)
         retried = await svc.retry_task(task_id=task.id)
@@ -701,8 +701,8 @@ async def test_retry_puts_a_failed_or_cancelled_task_back_to_waiting_with_attemp
 
 
 @pytest.mark.parametrize("state", ["completed", "waiting", "working"])
-async def test_retry_of_a_completed_waiting_or_working_task_is_invalid_state(tmp_path, clock, state):
-    async with service(tmp_path, clock) as svc:
+async def test_retry_of_a_completed_waiting_or_working_task_is_invalid_state(db, clock, state):
+    async with service(db, clock) as svc:
         task = await make_task_in(svc, state)
         before = await svc.get_task(task_id=task.id, include_events=True)
         err = await error_of(svc.retry_task(task_id=task.id))
@@ -724,8 +724,8 @@ async def make_task_in(svc: taskorch.TaskService, state: str) -> taskorch.Task:
     return await complete(svc, c, "success" if state == "completed" else "failure")
 
 
-async def test_an_expected_version_mismatch_is_a_conflict_and_changes_nothing(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_an_expected_version_mismatch_is_a_conflict_and_changes_nothing(db, clock):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path="/w", prompt="p")
         before = await svc.get_task(task_id=task.id, include_events=True)
         err = await error_of(svc.cancel_task(task_id=task.id, expected_version=2))
@@ -745,8 +745,8 @@ async def test_an_expected_version_mismatch_is_a_conflict_and_changes_nothing(tm
 # -- reads --------------------------------------------------------------------------------------
 
 
-async def test_get_task_with_events_shows_the_history_in_order_with_rising_versions(tmp_path, clock):
-    async with service(tmp_path, clock, tasks={"retry_backoff_seconds": 1}) as svc:
+async def test_get_task_with_events_shows_the_history_in_order_with_rising_versions(db, clock):
+    async with service(db, clock, tasks={"retry_backoff_seconds": 1}) as svc:
         task = await svc.create_task(work_path="/w", prompt="p")
         clock.advance(1)
         await complete(svc, await claim(svc, worker_id="w1"), "failure")
@@ -776,22 +776,22 @@ async def test_get_task_with_events_shows_the_history_in_order_with_rising_versi
         assert events[-1].to_status is taskorch.Status.COMPLETED
 
 
-async def test_an_error_raised_inside_the_service_context_reaches_the_caller_unwrapped(tmp_path, clock):
+async def test_an_error_raised_inside_the_service_context_reaches_the_caller_unwrapped(db, clock):
     # `except taskorch.NotFound` around `async with open_service(...)` must catch it (not an ExceptionGroup).
     with pytest.raises(taskorch.NotFound):
-        async with service(tmp_path, clock) as svc:
+        async with service(db, clock) as svc:
             await svc.get_task(task_id="t-nope")
 
 
-async def test_get_task_of_an_unknown_id_is_not_found(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_get_task_of_an_unknown_id_is_not_found(db, clock):
+    async with service(db, clock) as svc:
         err = await error_of(svc.get_task(task_id="t-nope"))
         assert err.code == "NOT_FOUND"
         assert "t-nope" in str(err)
 
 
-async def test_list_tasks_filters_by_status_priority_work_path_and_tag(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_list_tasks_filters_by_status_priority_work_path_and_tag(db, clock):
+    async with service(db, clock) as svc:
         ids = {}
         for name, path, priority, tags in [
             ("a", "/p", "high", ["x"]), ("b", "/p", "low", ["y"]), ("c", "/q", "high", ["x", "y"]),
@@ -825,8 +825,8 @@ async def test_list_tasks_filters_by_status_priority_work_path_and_tag(tmp_path,
         assert await names(status="waiting", priority="high") == {"a"}
 
 
-async def test_list_tasks_pages_newest_first_with_limit_offset_and_total(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_list_tasks_pages_newest_first_with_limit_offset_and_total(db, clock):
+    async with service(db, clock) as svc:
         ids = []
         for i in range(7):
             ids.append((await svc.create_task(work_path="/w", prompt=f"t{i}")).id)
@@ -874,8 +874,8 @@ async def _statistics_scenario(svc: taskorch.TaskService, clock: Clock) -> dict[
     return ids
 
 
-async def test_statistics_count_tasks_by_status_priority_and_work_path(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_statistics_count_tasks_by_status_priority_and_work_path(db, clock):
+    async with service(db, clock) as svc:
         await _statistics_scenario(svc, clock)
         stats = await svc.statistics()
         assert stats.total == 6
@@ -895,10 +895,8 @@ async def test_statistics_count_tasks_by_status_priority_and_work_path(tmp_path,
         assert other.oldest_waiting_age_seconds == 97.0
 
 
-async def test_statistics_report_ages_throughput_success_rate_workers_recoveries_retries_and_percentiles(
-    tmp_path, clock
-):
-    async with service(tmp_path, clock) as svc:
+async def test_statistics_report_ages_throughput_success_rate_workers_recoveries_retries_and_percentiles(db, clock):
+    async with service(db, clock) as svc:
         await _statistics_scenario(svc, clock)
         stats = await svc.statistics()
         assert stats.oldest_waiting_age_seconds == 97.0  # D, created at t=3
@@ -919,8 +917,8 @@ async def test_statistics_report_ages_throughput_success_rate_workers_recoveries
         assert later.active_workers == 0  # C's lease ran out (not yet recovered)
 
 
-async def test_statistics_of_an_empty_queue(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_statistics_of_an_empty_queue(db, clock):
+    async with service(db, clock) as svc:
         stats = await svc.statistics()
         assert stats.total == 0
         assert stats.oldest_waiting_age_seconds is None
@@ -932,8 +930,8 @@ async def test_statistics_of_an_empty_queue(tmp_path, clock):
 # -- retention --------------------------------------------------------------------------------
 
 
-async def test_cleanup_by_age_removes_only_terminal_tasks_older_than_the_cutoff(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_cleanup_by_age_removes_only_terminal_tasks_older_than_the_cutoff(db, clock):
+    async with service(db, clock) as svc:
         parent = await svc.create_task(work_path="/p", prompt="parent")
         await complete(svc, await claim(svc, "/p"))
         child = await svc.create_task(work_path="/c", prompt="child of a completed parent", depends_on=[parent.id])
@@ -958,8 +956,8 @@ async def test_cleanup_by_age_removes_only_terminal_tasks_older_than_the_cutoff(
         assert (await claim(svc, "/c")).task.id == child.id
 
 
-async def test_cleanup_by_max_tasks_removes_the_oldest_terminal_tasks_first(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_cleanup_by_max_tasks_removes_the_oldest_terminal_tasks_first(db, clock):
+    async with service(db, clock) as svc:
         parent = await make_task_in(svc, "completed")  # finished first, but a live task needs it
         child = await svc.create_task(work_path="/c", prompt="child", depends_on=[parent.id], delay_seconds=3600)
         finished = []
@@ -979,16 +977,16 @@ async def test_cleanup_by_max_tasks_removes_the_oldest_terminal_tasks_first(tmp_
         assert {t.id for t in (await svc.list_tasks()).tasks} == {parent.id, child.id, live.id}
 
 
-async def test_cleanup_with_no_rule_deletes_nothing(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_cleanup_with_no_rule_deletes_nothing(db, clock):
+    async with service(db, clock) as svc:
         await make_task_in(svc, "completed")
         clock.advance(10**6)
         result = await svc.cleanup()
         assert (result.deleted, result.remaining) == (0, 1)
 
 
-async def test_a_retried_task_stays_blocked_when_cleanup_ran_after_its_dependency_failed(tmp_path, clock):
-    async with service(tmp_path, clock) as svc:
+async def test_a_retried_task_stays_blocked_when_cleanup_ran_after_its_dependency_failed(db, clock):
+    async with service(db, clock) as svc:
         parent = await make_task_in(svc, "failed")  # finished at t=0
         child = await svc.create_task(work_path="/c", prompt="child", depends_on=[parent.id])
         clock.advance(2 * 3600)
@@ -1006,8 +1004,8 @@ async def test_a_retried_task_stays_blocked_when_cleanup_ran_after_its_dependenc
     ("given", "normalised"),
     [("/a/b/../c/", "/a/c"), ("//x", "/x"), ("///y/", "/y"), ("/a/./b//c/", "/a/b/c"), ("/", "/")],
 )
-async def test_work_paths_are_normalised(tmp_path, clock, given, normalised):
-    async with service(tmp_path, clock) as svc:
+async def test_work_paths_are_normalised(db, clock, given, normalised):
+    async with service(db, clock) as svc:
         task = await svc.create_task(work_path=given, prompt="p")
         assert task.work_path == normalised
         assert (await svc.list_tasks(work_path=given)).total == 1
@@ -1019,9 +1017,9 @@ async def test_work_paths_are_normalised(tmp_path, clock, given, normalised):
 # -- long polling -------------------------------------------------------------------------------
 
 
-async def test_a_long_polling_next_task_gets_a_task_created_while_it_waits(tmp_path, clock):
+async def test_a_long_polling_next_task_gets_a_task_created_while_it_waits(db, clock):
     # A 30 s poll interval: only the in-process wake-up can deliver the task in time.
-    async with service(tmp_path, clock, tasks={"poll_interval_seconds": 30}) as svc:
+    async with service(db, clock, tasks={"poll_interval_seconds": 30}) as svc:
         got: dict[str, Any] = {}
 
         async def waiter() -> None:
@@ -1039,8 +1037,8 @@ async def test_a_long_polling_next_task_gets_a_task_created_while_it_waits(tmp_p
         assert got["elapsed"] < 1
 
 
-async def test_a_long_polling_next_task_gets_a_dependant_once_its_dependency_completes(tmp_path, clock):
-    async with service(tmp_path, clock, tasks={"poll_interval_seconds": 30}) as svc:
+async def test_a_long_polling_next_task_gets_a_dependant_once_its_dependency_completes(db, clock):
+    async with service(db, clock, tasks={"poll_interval_seconds": 30}) as svc:
         parent = await svc.create_task(work_path="/p", prompt="parent")
         child = await svc.create_task(work_path="/w", prompt="child", depends_on=[parent.id])
         c = await claim(svc, "/p")
@@ -1057,8 +1055,8 @@ async def test_a_long_polling_next_task_gets_a_dependant_once_its_dependency_com
         assert got["claim"].task.id == child.id
 
 
-async def test_a_long_polling_next_task_returns_none_when_nothing_arrives(tmp_path, clock):
-    async with service(tmp_path, clock, tasks={"poll_interval_seconds": 0.05}) as svc:
+async def test_a_long_polling_next_task_returns_none_when_nothing_arrives(db, clock):
+    async with service(db, clock, tasks={"poll_interval_seconds": 0.05}) as svc:
         await svc.create_task(work_path="/elsewhere", prompt="not for us")
         start = time.monotonic()
         with anyio.fail_after(2):
