@@ -365,6 +365,8 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
     async def statistics_resource() -> str:
         return (await service.statistics()).model_dump_json()
 
+    _register_scenario_prompts(mcp)
+
     async def set_level(ctx: Any, params: types.SetLevelRequestParams) -> types.EmptyResult:
         level = {"emergency": "CRITICAL", "alert": "CRITICAL", "critical": "CRITICAL", "notice": "INFO"}.get(
             params.level, params.level.upper()
@@ -378,6 +380,26 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
         tool.parameters = compact_schema(tool.parameters)
         tool.fn_metadata.output_schema = OUTPUT_SCHEMAS[tool.name]
     return mcp
+
+
+def _register_scenario_prompts(mcp: MCPServer) -> None:
+    """The runner's scenario templates (prompts/scenarios/*.yaml) as MCP prompts: a person or a
+    model picks one, gives the task text, and gets the same instructions the runner would use."""
+    # The prompt layers module imports no litellm (tested); the runner itself is never loaded here.
+    from .runner.prompts import default_variables, list_scenarios, load_prompt_layers, render_prompt
+
+    for scenario in list_scenarios():
+        layers = load_prompt_layers(None, scenario)
+
+        def make(name: str, merged: dict[str, Any]) -> Any:
+            async def scenario_prompt(prompt: str, work_path: str = ".") -> str:
+                variables = default_variables(prompt, work_path=work_path)
+                parts = render_prompt(name, variables, parts=("system", "instance"), layers=merged)
+                return f"{parts['system']}\n\n{parts['instance']}"
+
+            return scenario_prompt
+
+        mcp.prompt(name=scenario, description=str(layers.get("description") or scenario))(make(scenario, layers))
 
 
 def tools_list_size(mcp: MCPServer) -> int:
