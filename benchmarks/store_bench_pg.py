@@ -38,18 +38,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+# One workload for both halves of the benchmark (store_bench.py is beside this file).
+from store_bench import OUTPUT, PRIORITIES, RESULT_JSON, WORK_PATHS, workload
+
 import taskorch
 from taskorch import pg_queries as pq
 from taskorch.config import load_config
 from taskorch.pg_db import _keep_session, _session_settings
-from taskorch.store_api import LEASE_EXPIRED_ERROR, dumps, new_task_id
+from taskorch.store_api import LEASE_EXPIRED_ERROR, new_task_id
 from taskorch.stores import redacted_url
 
-WORK_PATHS = [f"/srv/bench/project-{i}" for i in range(4)]
-PRIORITIES = ("low", "medium", "high", "urgent")
 RANK = {p: i for i, p in enumerate(PRIORITIES)}
-OUTPUT = "done: 3 files changed, 12 tests pass, lint clean (1234 ms)"
-RESULT_JSON = dumps({"status": "success", "output": OUTPUT, "details": None, "artifacts": [], "duration_ms": None})
 RAW, PG, SQ = "raw asyncpg", "taskorch pg", "taskorch sqlite"
 KINDS = (RAW, PG, SQ)
 WORKERS = (1, 16)
@@ -83,19 +82,6 @@ class Ledger:
             if count:
                 bad.append(f"{count} {what}")
         return bad
-
-
-def workload(n: int, seed: int = 7) -> list[tuple[str, str, str]]:
-    import random
-
-    rng = random.Random(seed)
-    words = "refactor fix test lint build docs migrate bump split merge".split()
-    items = []
-    for i in range(n):
-        title = f"{' '.join(rng.choices(words, k=4))} #{i}"
-        body = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz     ", k=200 - len(title) - 2))
-        items.append((rng.choice(WORK_PATHS), rng.choice(PRIORITIES), f"{title}\n\n{body}"))
-    return items
 
 
 # -- the clients ----------------------------------------------------------------------------------

@@ -84,17 +84,20 @@ class _TimedStore:
         self._observer = observer
 
     def __getattr__(self, name: str) -> Any:
+        # Only reached on the first use of a name: the wrapper is then cached on the instance.
         attr = getattr(self._store, name)
         if not inspect.iscoroutinefunction(attr):
             return attr
+        observer = self._observer
 
         async def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return await attr(*args, **kwargs)
             finally:
-                self._observer.store_latency(name, time.perf_counter() - start)
+                observer.store_latency(name, time.perf_counter() - start)
 
+        setattr(self, name, timed)
         return timed
 
 

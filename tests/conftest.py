@@ -33,6 +33,12 @@ STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 _TABLES = ("task_events", "task_tags", "task_dependencies", "tasks")  # children first
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """Every async test runs on asyncio (aiosqlite and asyncpg are asyncio-only)."""
+    return "asyncio"
+
+
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"the PostgreSQL tests must run in CI, but {reason}", pytrace=False)

@@ -52,11 +52,6 @@ CONFLICT = "CONFLICT"
 INVALID_STATE = "INVALID_STATE"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Clock:
     def __init__(self, now: int = T0) -> None:
         self.now = now

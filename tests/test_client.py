@@ -32,11 +32,6 @@ Next = Callable[[Request], Awaitable[Response]]
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def live(tmp_path: Path) -> Any:
     with LiveServer(tmp_path / "t.db") as server:
         yield server

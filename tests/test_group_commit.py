@@ -20,11 +20,6 @@ from taskorch.config import load_config
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _config(**store):
     return load_config(environ={}, overrides={"store": {"durability": "normal", **store}})
 

@@ -36,11 +36,6 @@ pytestmark = pytest.mark.anyio
 KEY = "test-key-0123456789abcdef"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def http_config(tmp_path: Path, **server: Any) -> Config:
     """A config on a temp database; rate limiting off unless the test sets it."""
     server.setdefault("rate_limit", {"requests_per_minute": 0, "burst": 1})

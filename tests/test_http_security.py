@@ -32,11 +32,6 @@ INIT = {
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @contextlib.asynccontextmanager
 async def client_for(tmp_path: Path, **server: Any) -> AsyncIterator[httpx2.AsyncClient]:
     async with serve_app(create_app(http_config(tmp_path, **server))) as base:

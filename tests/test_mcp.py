@@ -62,11 +62,6 @@ TASK_SPEC_FIELDS = TOOL_ARGUMENTS["create_task"][0] | {"ref"}
 READ_ONLY_TOOLS = {"get_task", "list_tasks", "statistics"}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @contextlib.asynccontextmanager
 async def connect(tmp_path: Path, *, mode: str = "auto", **limits: int) -> AsyncIterator[Client]:
     """A Client on a fresh database; `limits` override config `limits.*` (e.g. max_metadata_bytes)."""

@@ -19,11 +19,6 @@ SCENARIOS = {
 }  # fmt: skip
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_every_scenario_is_an_mcp_prompt_that_renders_the_task_text(tmp_path: Path) -> None:
     pytest.importorskip("jinja2")
     assert set(list_scenarios()) >= SCENARIOS

@@ -32,11 +32,6 @@ PROTOCOL_VERSION = "2025-11-25"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def errlog(tmp_path: Path) -> Iterator[IO[str]]:
     """Where the servers' stderr goes (stdio_client needs a real file)."""
     with open(tmp_path / "servers.log", "w") as f:

@@ -13,11 +13,6 @@ from taskorch.config import load_config
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Recorder:
     def __init__(self) -> None:
         self.events: Counter[str] = Counter()

@@ -24,11 +24,6 @@ from taskorch.config import Config, ConfigError, load_config
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def config(**sections: Any) -> Config:
     return load_config(environ={}, overrides=sections)
 

@@ -217,11 +217,6 @@ async def assert_exit_ok(procs: Sequence[Child]) -> None:
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "taskorch.db"
 

@@ -34,11 +34,6 @@ pytestmark = [
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def scene(tmp_path: Path) -> dict:
     """A project prepared by an attacker: links out of it, and a canary file beside it."""
     canary = f"CANARY-{uuid.uuid4().hex}"

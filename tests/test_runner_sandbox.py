@@ -27,11 +27,6 @@ MODES = [pytest.param("none", id="none"), pytest.param("bwrap", id="bwrap", mark
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def layout(tmp_path: Path) -> tuple[Path, Path]:
     """(work path, a sibling directory outside it holding canary.txt)."""
     wp = tmp_path / "wp"

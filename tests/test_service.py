@@ -28,11 +28,6 @@ US = 1_000_000
 T0 = 1_700_000_000_000_000  # 2023-11-14T22:13:20Z, in microseconds
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Clock:
     """A mutable clock: integer microseconds since the epoch, moved only by the test."""
 

@@ -18,11 +18,6 @@ from taskorch.stores import redacted_url
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_both_stores_implement_the_store_interface(db: str) -> None:
     from taskorch.store_api import Store
 
