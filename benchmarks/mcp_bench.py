@@ -1,19 +1,20 @@
 """The cost of taskorch's MCP surface over stdio, against a bare MCPServer as the SDK's floor.
 
     python benchmarks/mcp_bench.py [--quick] [--rounds 5] [--latency-rounds 2] [--iterations 300]
-                                   [--durability full|normal] [--json out.json]
+                                   [--durability both|full|normal] [--json out.json]
 
 Both servers run as subprocesses spoken to with the official `mcp` client (stdio_client +
 ClientSession, the initialize handshake):
   taskorch  `python -c "serve(load_config())"` on a temp database (TASKORCH_DB; every other TASKORCH_*
-            variable is removed), durability as configured unless --durability is given
+            variable is removed); by default two of them, at durability full and normal, measured in
+            the same rounds: the difference of their latencies is what the durable commits cost
   floor     a bare MCPServer, written to a temp file, whose one tool `echo` returns its input
 
 Measured, in interleaved rounds (the order flips every round; latency runs first and warms up):
   latency   one iteration = next_task + complete_task on a pre-created task (taskorch) against two echo
-            calls (floor), timed on the client; blocks of 25 iterations alternate between the two
-            servers, both connected for the whole round. p50/p99 over every timed iteration.
-  start-up  process start -> initialize answered; the median of the rounds.
+            calls (floor), timed on the client; blocks of 25 iterations rotate between the servers,
+            all connected for the whole round. p50/p99 over every timed iteration.
+  start-up  process start -> initialize answered (taskorch at full, the default); the median of the rounds.
   idle RSS  VmRSS of the server process (/proc/<pid>/status) right after initialize; the median.
   tools/list  characters of the tools/list result as JSON, and tokens: exact cl100k_base counts when
             tiktoken is installed, else chars/4.
@@ -71,6 +72,7 @@ ECHO_ARGS = {"value": "x" * 64}
 class Server:
     name: str
     params: StdioServerParameters
+    durability: str = "-"
     startup_s: list[float] = field(default_factory=list)
     rss_kib: list[int] = field(default_factory=list)
     latency_s: list[float] = field(default_factory=list)
@@ -169,36 +171,42 @@ async def two_echoes(session: ClientSession, _: str) -> float:
     return elapsed
 
 
-async def measure_latency(taskorch_srv: Server, floor: Server, rounds: int, iterations: int, errlog: Any) -> None:
-    """Runs first: its start-ups (unmeasured) create the database and warm the page cache."""
+async def measure_latency(
+    taskorch_srvs: list[Server], floor: Server, rounds: int, iterations: int, errlog: Any
+) -> None:
+    """Runs first: its start-ups (unmeasured) create the databases and warm the page cache."""
     for r in range(rounds):
-        async with (
-            connect(taskorch_srv, errlog) as (ts, _, _),
-            connect(floor, errlog) as (fs, _, _),
-        ):
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = {}
+            for server in [*taskorch_srvs, floor]:
+                sessions[server.name] = (await stack.enter_async_context(connect(server, errlog)))[0]
             if r == 0:
-                await measure_tools_list([(taskorch_srv, ts), (floor, fs)])
+                await measure_tools_list([(s, sessions[s.name]) for s in (taskorch_srvs[0], floor)])
             work_path = f"{WORK_PATH}/round-{r}"
             total = WARMUP + iterations
-            for start in range(0, total, 500):
-                batch = [
-                    {"work_path": work_path, "prompt": f"round {r} task {i}: change a file and run the tests"}
-                    for i in range(start, min(total, start + 500))
-                ]
-                await call(ts, "create_tasks", {"tasks": batch})
+            for server in taskorch_srvs:
+                for start in range(0, total, 500):
+                    batch = [
+                        {"work_path": work_path, "prompt": f"round {r} task {i}: change a file and run the tests"}
+                        for i in range(start, min(total, start + 500))
+                    ]
+                    await call(sessions[server.name], "create_tasks", {"tasks": batch})
+            steps = [(s, sessions[s.name], claim_complete) for s in taskorch_srvs]
+            steps.append((floor, sessions[floor.name], two_echoes))
             for _ in range(WARMUP):
-                await claim_complete(ts, work_path)
-                await two_echoes(fs, work_path)
-            samples: dict[str, list[float]] = {taskorch_srv.name: [], floor.name: []}
-            steps = [(taskorch_srv, ts, claim_complete), (floor, fs, two_echoes)]
+                for _, session, step in steps:
+                    await step(session, work_path)
+            samples: dict[str, list[float]] = {server.name: [] for server, _, _ in steps}
             for block, start in enumerate(range(0, iterations, BLOCK)):
-                for server, session, step in steps if (block + r) % 2 == 0 else steps[::-1]:
+                shift = (block + r) % len(steps)  # every server takes every place in the order in turn
+                for server, session, step in steps[shift:] + steps[:shift]:
                     for _ in range(min(BLOCK, iterations - start)):
                         samples[server.name].append(await step(session, work_path))
-            left = await call(ts, "statistics", {"work_path": work_path})
-            if left["by_status"]["completed"] != total or left["by_status"]["waiting"] != 0:
-                raise RuntimeError(f"the queue did not drain as expected: {left['by_status']}")
-            for server in (taskorch_srv, floor):
+            for server in taskorch_srvs:
+                left = await call(sessions[server.name], "statistics", {"work_path": work_path})
+                if left["by_status"]["completed"] != total or left["by_status"]["waiting"] != 0:
+                    raise RuntimeError(f"{server.name}: the queue did not drain as expected: {left['by_status']}")
+            for server, _, _ in steps:
                 server.latency_s += samples[server.name]
                 server.round_p50_s.append(statistics.median(samples[server.name]))
 
@@ -217,13 +225,17 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-def report(t: Server, f: Server, encoding: str, args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
+def report(ts: list[Server], f: Server, encoding: str, args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
+    """ts: the taskorch servers, one per durability measured; the first also gave start-up and RSS."""
     ms, p50, p99 = 1000.0, 0.5, 0.99
-    t_p50, f_p50 = percentile(t.latency_s, p50), percentile(f.latency_s, p50)
-    t_p99, f_p99 = percentile(t.latency_s, p99), percentile(f.latency_s, p99)
-    rows: list[tuple[str, float, float, float, bool]] = [
-        ("claim+complete p50 (ms)", t_p50 * ms, f_p50 * ms, t_p50 / f_p50, True),
-        ("claim+complete p99 (ms)", t_p99 * ms, f_p99 * ms, t_p99 / f_p99, False),
+    t = ts[0]
+    f_p50, f_p99 = percentile(f.latency_s, p50), percentile(f.latency_s, p99)
+    rows: list[tuple[str, float, float, float, bool]] = []
+    for srv in ts:
+        t_p50, t_p99 = percentile(srv.latency_s, p50), percentile(srv.latency_s, p99)
+        rows.append((f"claim+complete p50 (ms), {srv.durability}", t_p50 * ms, f_p50 * ms, t_p50 / f_p50, True))
+        rows.append((f"claim+complete p99 (ms), {srv.durability}", t_p99 * ms, f_p99 * ms, t_p99 / f_p99, False))
+    rows += [
         (
             "start -> initialize (ms)",
             statistics.median(t.startup_s) * ms,
@@ -249,20 +261,30 @@ def report(t: Server, f: Server, encoding: str, args: argparse.Namespace, elapse
     ]
     print(
         f"\ntaskorch {taskorch.__version__}, mcp {mcp_version()}, Python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; durability {args.durability or 'as configured'}; "
-        f"{args.rounds} start-up rounds, {args.latency_rounds} x {args.iterations} latency iterations; "
-        f"{elapsed:.1f} s"
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; durability {', '.join(s.durability for s in ts)}; "
+        f"{args.rounds} start-up rounds ({t.durability}), {args.latency_rounds} x {args.iterations} latency "
+        f"iterations; {elapsed:.1f} s"
     )
-    print(f"{'metric':<34}{'taskorch':>12}{'floor':>12}{'ratio':>9}{'goal':>8}  result")
+    print(f"{'metric':<40}{'taskorch':>10}{'floor':>10}{'ratio':>9}{'goal':>8}  result")
     out: dict[str, Any] = {"rows": []}
     for label, tv, fv, ratio, gated in rows:
         goal = f"<={GOAL}x" if gated else "-"
         verdict = ("ok" if ratio <= GOAL else "MISSED") if gated else ""
-        print(f"{label:<34}{tv:>12.2f}{fv:>12.2f}{ratio:>8.2f}x{goal:>8}  {verdict}")
+        print(f"{label:<40}{tv:>10.2f}{fv:>10.2f}{ratio:>8.2f}x{goal:>8}  {verdict}")
         out["rows"].append({"metric": label, "taskorch": tv, "floor": fv, "ratio": ratio, "goal": goal})
     print("start-up and RSS ratios are medians of per-round ratios; latency ratios are of pooled percentiles")
-    per_round = ", ".join(f"{a * ms:.2f}/{b * ms:.2f}" for a, b in zip(t.round_p50_s, f.round_p50_s, strict=True))
-    print(f"per-round latency p50, taskorch/floor (ms): {per_round}")
+    for srv in ts:
+        per_round = ", ".join(f"{a * ms:.2f}/{b * ms:.2f}" for a, b in zip(srv.round_p50_s, f.round_p50_s, strict=True))
+        print(f"per-round latency p50, taskorch {srv.durability}/floor (ms): {per_round}")
+    by = {srv.durability: percentile(srv.latency_s, p50) for srv in ts}
+    if "full" in by and "normal" in by:
+        # The same requests, the same code; only the two commits' fdatasync differ.
+        sync = by["full"] - by["normal"]
+        out["durable_commit_ms"] = sync * ms
+        print(
+            f"durable commits: full - normal = {sync * ms:.2f} ms per claim+complete = {sync / f_p50:.2f}x the floor "
+            f"(the goal leaves {GOAL - 1:.2f}x for everything taskorch adds)"
+        )
     print(
         f"start-up per round (ms): taskorch {[round(x * ms) for x in t.startup_s]}, "
         f"floor {[round(x * ms) for x in f.startup_s]}"
@@ -278,11 +300,11 @@ def mcp_version() -> str:
     return version("mcp")
 
 
-async def measure_all(t: Server, f: Server, args: argparse.Namespace, errlog: Any) -> None:
+async def measure_all(ts: list[Server], f: Server, args: argparse.Namespace, errlog: Any) -> None:
     print("claim+complete latency, tools/list ...", file=sys.stderr, flush=True)
-    await measure_latency(t, f, args.latency_rounds, args.iterations, errlog)
+    await measure_latency(ts, f, args.latency_rounds, args.iterations, errlog)
     print("start-up and idle RSS ...", file=sys.stderr, flush=True)
-    await measure_startup([t, f], args.rounds, errlog)
+    await measure_startup([ts[0], f], args.rounds, errlog)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -292,19 +314,25 @@ def main(args: argparse.Namespace) -> None:
         bare = tmpdir / "bare_server.py"
         bare.write_text(BARE_SERVER)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKORCH_")}
-        task_env = {**env, "TASKORCH_DB": str(tmpdir / "bench.db")}
-        if args.durability:
-            task_env["TASKORCH_STORE__DURABILITY"] = args.durability
-        t = Server("taskorch", StdioServerParameters(command=sys.executable, args=["-c", SERVE], env=task_env))
+        ts = []
+        # full first: the packaged default, and the server start-up and RSS are measured on
+        for durability in ("full", "normal") if args.durability == "both" else (args.durability,):
+            task_env = {
+                **env,
+                "TASKORCH_DB": str(tmpdir / f"bench-{durability}.db"),
+                "TASKORCH_STORE__DURABILITY": durability,
+            }
+            params = StdioServerParameters(command=sys.executable, args=["-c", SERVE], env=task_env)
+            ts.append(Server(f"taskorch-{durability}", params, durability=durability))
         f = Server("floor", StdioServerParameters(command=sys.executable, args=[str(bare)], env=env))
         with open(tmpdir / "servers.log", "w") as errlog:
             try:
-                anyio.run(measure_all, t, f, args, errlog)
+                anyio.run(measure_all, ts, f, args, errlog)
             except BaseException:
                 errlog.flush()
                 sys.stderr.write((tmpdir / "servers.log").read_text()[-4000:])
                 raise
-        out = report(t, f, token_counter()[0], args, time.perf_counter() - started)
+        out = report(ts, f, token_counter()[0], args, time.perf_counter() - started)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
@@ -315,7 +343,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="start-up/RSS rounds (default 5)")
     p.add_argument("--latency-rounds", type=int, default=2, help="latency rounds (default 2)")
     p.add_argument("--iterations", type=int, default=300, help="timed iterations per latency round (default 300)")
-    p.add_argument("--durability", choices=("full", "normal"), help="taskorch store.durability (default: config)")
+    p.add_argument(
+        "--durability",
+        choices=("both", "full", "normal"),
+        default="both",
+        help="taskorch store.durability; both (default) measures a server of each in the same rounds",
+    )
     p.add_argument("--json", help="also write the table to this file")
     args = p.parse_args(argv)
     if args.quick:
