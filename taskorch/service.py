@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 
 from . import validation as v
 from .config import Config, load_config
@@ -248,7 +249,7 @@ class TaskService:
             max_working=cfg.max_working_per_work_path,
         )  # fmt: skip
         wait = v.number("wait_seconds", wait_seconds, lo=0, hi=MAX_WAIT_SECONDS, default=0)
-        claimed = await self.store.claim(f)
+        claimed = await self._claim_for_caller(f)
         if claimed is None and wait > 0:
             claimed = await self._wait_and_claim(f, wait)
         if claimed is None:
@@ -256,6 +257,32 @@ class TaskService:
         self._count("claimed")
         task, lease = claimed
         return Claim.model_construct(task=task, lease=lease)
+
+    async def _claim_for_caller(self, f: ClaimFilter, busy_timeout_ms: int | None = None) -> tuple[Task, Lease] | None:
+        """A claim that its caller hears of, or that is undone.
+
+        A caller can be cancelled while its claim commits (an MCP client's notifications/cancelled,
+        a long poll's deadline), e.g. while the claim waits for another process's write lock. The
+        claim is never cancelled half-way, and if the caller is gone once it committed, the task is
+        released at once (the attempt not counted) instead of staying `working` for nobody until
+        its lease expires. Then the cancellation goes on."""
+        with anyio.CancelScope(shield=True):
+            claimed = await self.store.claim(f, busy_timeout_ms=busy_timeout_ms)
+        if claimed is None:
+            return None
+        try:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except anyio.get_cancelled_exc_class():
+            task, lease = claimed
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.store.release(task.id, f.worker_id, lease.token, 0)
+                except TaskorchError as e:  # e.g. the lease was already taken back: nothing to undo
+                    log.warning("could not release task %s claimed for a cancelled caller: %s", task.id, e)
+                else:
+                    self._notify()
+            raise
+        return claimed
 
     async def _wait_and_claim(self, f: ClaimFilter, wait: float) -> tuple[Task, Lease] | None:
         deadline = anyio.current_time() + wait
@@ -273,14 +300,11 @@ class TaskService:
             with anyio.move_on_after(min(self.config.tasks.poll_interval_seconds, wait)):
                 await changed.wait()
             remaining = deadline - anyio.current_time()
-            # The re-claim waits for the write lock no longer than the caller waits, and is never
-            # cancelled half-way: a claim committed after the caller gave up would leave a task
-            # working for nobody until its lease expired.
-            with anyio.CancelScope(shield=True):
-                try:
-                    claimed = await self.store.claim(f, busy_timeout_ms=max(1, int(remaining * 1000)))
-                except StoreBusy:
-                    claimed = None
+            # The re-claim waits for the write lock no longer than the caller waits.
+            try:
+                claimed = await self._claim_for_caller(f, busy_timeout_ms=max(1, int(remaining * 1000)))
+            except StoreBusy:
+                claimed = None
             if claimed is not None or anyio.current_time() >= deadline:
                 return claimed
 

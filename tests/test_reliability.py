@@ -907,6 +907,78 @@ async def test_create_while_another_connection_holds_the_write_lock_is_store_bus
 
 @pytest.mark.anyio
 @pytest.mark.sqlite_only  # SQLite's write lock
+async def test_claim_whose_caller_is_cancelled_while_it_waits_for_the_lock_is_released_not_left_working(
+    db_path: Path,
+) -> None:
+    # An MCP client cancels next_task while the claim waits for another process's write lock: the
+    # claim commits once the lock is free, and nobody would hear of it.
+    async with open_svc(db_path, config=make_config(store={"busy_timeout_ms": 5000})) as svc:
+        task = await svc.create_task(work_path="/gone", prompt="p")
+        answers: list[Any] = []
+
+        async def claim() -> None:
+            answers.append(await svc.next_task(work_path="/gone", worker_id="A"))
+
+        async def waits_on_the_database_thread() -> bool:
+            return bool(svc.store.db._background)  # the inline attempt found the lock taken
+
+        raw = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(claim)
+                await wait_until(waits_on_the_database_thread)
+                tg.cancel_scope.cancel()
+                raw.execute("COMMIT")  # the claim gets the lock and commits after its caller left
+        finally:
+            raw.close()
+        await wait_until(_nothing_on_the_database_thread(svc))  # whatever the claim did has landed
+        assert answers == []
+        got = await svc.get_task(task_id=task.id, include_events=True)
+        assert got.task.status is Status.WAITING and got.task.attempts == 0 and got.task.worker_id is None
+        assert [e.kind for e in got.events or []] == ["created", "claimed", "released"]
+        again = await svc.next_task(work_path="/gone", worker_id="B")
+        assert again is not None and again.task.id == task.id and again.task.attempts == 1
+
+
+@pytest.mark.anyio
+async def test_long_poll_cancelled_as_its_claim_commits_gives_the_task_back(db: str) -> None:
+    # The long poll's re-claim runs after a wake-up; cancelling the caller right then must not
+    # strand the task it claimed.
+    async with open_svc(db) as svc:
+        answers: list[Any] = []
+
+        async def poll() -> None:
+            answers.append(await svc.next_task(work_path="/poll", worker_id="A", wait_seconds=30))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poll)
+            await wait_until(_long_polls_waiting(svc))
+            task = await svc.create_task(work_path="/poll", prompt="p")  # wakes the poll
+            tg.cancel_scope.cancel()  # before the woken poll's claim can answer
+        assert answers == []
+        got = await svc.get_task(task_id=task.id, include_events=True)
+        assert got.task.status is Status.WAITING and got.task.attempts == 0
+        kinds = [e.kind for e in got.events or []]
+        assert kinds in (["created"], ["created", "claimed", "released"]), kinds
+
+
+def _nothing_on_the_database_thread(svc: taskorch.TaskService) -> Callable[[], Awaitable[bool]]:
+    async def idle() -> bool:
+        return not svc.store.db._background
+
+    return idle
+
+
+def _long_polls_waiting(svc: taskorch.TaskService) -> Callable[[], Awaitable[bool]]:
+    async def waiting() -> bool:
+        return svc._waiting > 0
+
+    return waiting
+
+
+@pytest.mark.anyio
+@pytest.mark.sqlite_only  # SQLite's write lock
 async def test_write_lock_held_elsewhere_makes_the_sweep_skip_rounds_but_not_die(
     db_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
