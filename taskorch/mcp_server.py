@@ -145,9 +145,10 @@ def _ok(model: BaseModel) -> types.CallToolResult:
     """A tool's answer: structured content, and the same JSON as compact text for clients that
     read only text. Built here rather than by the SDK, which re-validates the returned model and
     indents the text: both cost time and tokens on every call."""
-    data = model.model_dump(mode="json")
-    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return types.CallToolResult(content=[types.TextContent(type="text", text=text)], structured_content=data)
+    # pydantic's own JSON serialiser, then the C parser, beats dumping to Python and then to text.
+    text = model.model_dump_json()
+    content = [types.TextContent(type="text", text=text)]
+    return types.CallToolResult(content=content, structured_content=json.loads(text))
 
 
 def _error_result(code: str, message: str) -> types.CallToolResult:
@@ -165,13 +166,16 @@ def _describe_validation(exc: PydanticValidationError) -> str:
 class TaskorchMCP(MCPServer):
     """MCPServer whose tool errors carry taskorch's stable codes."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._argument_names: dict[str, frozenset[str]] = {}  # per tool, filled in by build_mcp
+
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
-        tool = self._tool_manager.get_tool(name)
-        if tool is not None and isinstance(arguments, dict):
+        known = self._argument_names.get(name)
+        if known is not None and isinstance(arguments, dict) and not known.issuperset(arguments):
             # A misspelt optional argument would otherwise be dropped silently.
-            unknown = sorted(set(arguments) - set(tool.parameters.get("properties", {})))
-            if unknown:
-                return _error_result("VALIDATION_ERROR", f"{unknown[0]}: unknown argument of {name}")
+            unknown = sorted(set(arguments) - known)
+            return _error_result("VALIDATION_ERROR", f"{unknown[0]}: unknown argument of {name}")
         try:
             result = await super().call_tool(name, arguments, context)
         except ToolError as exc:
@@ -379,6 +383,9 @@ def build_mcp(service: TaskService) -> TaskorchMCP:
     for tool in mcp._tool_manager.list_tools():
         tool.parameters = compact_schema(tool.parameters)
         tool.fn_metadata.output_schema = OUTPUT_SCHEMAS[tool.name]
+    mcp._argument_names = {
+        tool.name: frozenset(tool.parameters.get("properties", {})) for tool in mcp._tool_manager.list_tools()
+    }
     return mcp
 
 

@@ -331,8 +331,12 @@ class TaskService:
         output = v.text("output", output, max_chars=lim.max_result_bytes, required=False)
         if artifacts is not None and not isinstance(artifacts, list | tuple):
             raise ValidationError("artifacts: must be a list", details={"field": "artifacts"})
-        v.json_value("details", details, max_bytes=lim.max_result_bytes)
-        v.json_value("artifacts", artifacts, max_bytes=lim.max_result_bytes)
+        # Each part is checked on its own only when given, so an error names it; the common call
+        # (no details, no artifacts) pays for one serialisation, of the whole result.
+        if details is not None:
+            v.json_value("details", details, max_bytes=lim.max_result_bytes)
+        if artifacts:
+            v.json_value("artifacts", artifacts, max_bytes=lim.max_result_bytes)
         result = {
             "status": outcome,
             "output": output,
