@@ -319,7 +319,8 @@ class Database:
             raise _translate(e) from None
 
     async def integrity_check(self) -> str:
-        return await self._call_thread(lambda conn: conn.execute("PRAGMA integrity_check").fetchone()[0])
+        """ "ok", or what SQLite's integrity check and foreign key check found."""
+        return await self._call_thread(_integrity)
 
     async def ping(self) -> None:
         await self.read(lambda tx: tx.fetchone("SELECT 1"), inline=True)
@@ -346,6 +347,16 @@ def _apply_migrations(conn: sqlite3.Connection, scripts: list[tuple[str, list[st
             raise
         conn.execute("COMMIT")
     return applied
+
+
+def _integrity(conn: sqlite3.Connection) -> str:
+    found = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    orphans = conn.execute("PRAGMA foreign_key_check").fetchall()
+    if orphans:
+        tables = sorted({row[0] for row in orphans})
+        problem = f"{len(orphans)} rows whose parent row is missing (in {', '.join(tables)})"
+        found = problem if found == "ok" else f"{found}; {problem}"
+    return found
 
 
 def _settle(ops: list[_Op], outcomes: list[tuple[bool, Any]]) -> None:

@@ -316,22 +316,26 @@ _DELETABLE = """
 status IN ('completed', 'failed', 'cancelled')
 AND NOT EXISTS (SELECT 1 FROM task_dependencies AS d WHERE d.depends_on = tasks.id)
 """
+# A task's events go with it, in the same statement (the event log has no foreign key here:
+# migration 0002). The statement's row count is the tasks deleted.
+_DELETE_DOOMED = """
+events_gone AS (DELETE FROM task_events AS e USING doomed WHERE e.task_id = doomed.id)
+DELETE FROM tasks AS t USING doomed WHERE t.id = doomed.id
+"""
 # $1 cutoff µs, $2 batch size.
 DELETE_TERMINAL_BEFORE = f"""
 WITH doomed AS (
     SELECT id FROM tasks WHERE completed_at < $1 AND {_DELETABLE}
     ORDER BY completed_at, id LIMIT $2
-    FOR UPDATE SKIP LOCKED)
-DELETE FROM tasks AS t USING doomed WHERE t.id = doomed.id
-"""
+    FOR UPDATE SKIP LOCKED),
+{_DELETE_DOOMED}"""
 # $1 how many to delete in this batch.
 DELETE_OLDEST_TERMINAL = f"""
 WITH doomed AS (
     SELECT id FROM tasks WHERE {_DELETABLE}
     ORDER BY completed_at, id LIMIT $1
-    FOR UPDATE SKIP LOCKED)
-DELETE FROM tasks AS t USING doomed WHERE t.id = doomed.id
-"""
+    FOR UPDATE SKIP LOCKED),
+{_DELETE_DOOMED}"""
 COUNT_ALL_TASKS = "SELECT count(*) FROM tasks"
 
 # -- checks and bookkeeping ----------------------------------------------------------------------
@@ -347,7 +351,9 @@ SELECT
      SELECT 1 FROM task_events AS e WHERE e.task_id = t.id AND e.version = t.version))
      AS "tasks whose version has no event",
   (SELECT count(*) FROM task_dependencies AS d WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE id = d.depends_on))
-     AS "dependencies on missing tasks"
+     AS "dependencies on missing tasks",
+  (SELECT count(*) FROM task_events AS e WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE id = e.task_id))
+     AS "events of missing tasks"
 """
 
 DB_CLOCK = "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint"

@@ -947,6 +947,7 @@ async def test_cleanup_by_age_removes_only_terminal_tasks_older_than_the_cutoff(
         for kept in (parent, child, waiting, working, recent):
             assert (await svc.get_task(task_id=kept.id)).task.id == kept.id
         assert (await svc.list_tasks()).total == 5
+        assert await svc.store.integrity_check() == "ok"  # no event of a deleted task is left behind
         # The dependant still runs once its (kept) parent is completed.
         assert (await claim(svc, "/c")).task.id == child.id
 

@@ -1,0 +1,5 @@
+-- taskorch schema 2: nothing to change on SQLite.
+-- PostgreSQL drops the event log's foreign key to tasks here (its check locked the task row on every
+-- transition). SQLite's check is a lookup on a page the same transaction has just written, and
+-- dropping a foreign key would mean rebuilding the whole event table, so it stays: retention still
+-- relies on its ON DELETE CASCADE. The file exists so both dialects keep one list of migrations.
